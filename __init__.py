@@ -1,0 +1,13 @@
+"""Attention Guidance: Self-Attention Guidance (SAG) and Perturbed-Attention Guidance (PAG) for ComfyUI.
+
+ComfyUI imports this file when the folder sits in ``ComfyUI/custom_nodes/``. The node classes are
+imported lazily inside ``comfy_entrypoint`` so that the plain-torch cores (``guidance_core``,
+``pag_core``, ``sag_core``) can be imported and unit-tested without the host.
+The host serves ``example_workflows/`` next to this file as the pack's workflow templates.
+"""
+
+
+async def comfy_entrypoint():
+    from .nodes import AttentionGuidanceExtension
+
+    return AttentionGuidanceExtension()
