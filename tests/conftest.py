@@ -1,0 +1,47 @@
+"""Test set-up: the real ComfyUI host in-process, on the CPU, and the pack importable as a package.
+
+The host is ``$COMFYUI_PATH`` when set (``scripts/host.py test`` sets it), else the embedded default
+that ``scripts/host.py setup`` provisions under ``.cache/comfyui``.
+"""
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PACK_MODULE = "attention_guidance"
+
+
+def _host_path() -> Path:
+    path = Path(os.environ.get("COMFYUI_PATH") or REPO / ".cache" / "comfyui")
+    if not (path / "comfy").is_dir():
+        raise RuntimeError(
+            f"No ComfyUI host at {path}. Run `python3 scripts/host.py setup` (or set COMFYUI_PATH "
+            "to a ComfyUI checkout) before running the tests."
+        )
+    return path
+
+
+def _load_pack():
+    """Import the repository as a package, as ComfyUI does, under a fixed name for the tests."""
+    if PACK_MODULE in sys.modules:
+        return sys.modules[PACK_MODULE]
+    spec = importlib.util.spec_from_file_location(
+        PACK_MODULE, REPO / "__init__.py", submodule_search_locations=[str(REPO)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_MODULE] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+HOST = _host_path()
+if str(HOST) not in sys.path:
+    sys.path.insert(0, str(HOST))
+if str(REPO / "tests") not in sys.path:
+    sys.path.insert(0, str(REPO / "tests"))
+
+from comfy.cli_args import args as _comfy_args  # noqa: E402
+
+_comfy_args.cpu = True
+_load_pack()
