@@ -1,0 +1,181 @@
+"""Which self-attention layers a guidance node acts on: the `layers` / `layer` input, parsed,
+validated against the model, and explained in one place.
+
+A UNet's self-attention sites are the ``attn1`` of every transformer block of every
+SpatialTransformer. The host names a site ``(block, block_id, transformer_index)``, e.g.
+``("middle", 0, 0)``; users bring three other spellings, all accepted here (comma-separated, mixed
+freely):
+
+- diffusers module paths, as in ``pag_applied_layers``: ``mid``, ``down_blocks.1``,
+  ``up_blocks.0.attentions.1``, ``mid_block.attentions.0.transformer_blocks.3``. A path matches
+  whole dot-separated components of a site's full name
+  (``down_blocks.1.attentions.0.transformer_blocks.0.attn1``), anywhere in it, so ``blocks.1`` can
+  never select ``blocks.10`` (diffusers#13594). ``mid``, ``down`` and ``up`` stand for
+  ``mid_block``, ``down_blocks`` and ``up_blocks``.
+- the older diffusers form its docs still show: ``down.block_2``, ``up.block_1.attentions_0``.
+- the index syntax of the PAG paper's SD pipeline and of sd-perturbed-attention: ``d``/``m``/``u``
+  count the attention modules of the down, mid and up path in order (SD1.5: d0-d5, m0, u0-u8), an
+  optional ``.k`` picks transformer block k inside one (SDXL: ``m0.4``), and both take ranges:
+  ``d0-3`` (or ``d0-d3``), ``d2.2-9``.
+- the host's own block names: ``middle.0``, ``input.4``, ``output.3.1``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_DIFFUSERS_PATH = {"input": "down_blocks", "middle": "mid_block", "output": "up_blocks"}
+_INDEX_LETTER = {"input": "d", "middle": "m", "output": "u"}
+_LETTER_BLOCK = {v: k for k, v in _INDEX_LETTER.items()}
+_PATH_ALIASES = {"mid": "mid_block", "down": "down_blocks", "up": "up_blocks"}
+
+_INDEX_RE = re.compile(r"^([dmu])(\d+)(?:-[dmu]?(\d+))?(?:\.(\d+)(?:-(\d+))?)?$")
+_OLD_DIFFUSERS_RE = re.compile(r"^(down|mid|up)\.block_(\d+)(?:\.attentions_(\d+))?$")
+_HOST_RE = re.compile(r"^(input|middle|output)\.(\d+)(?:\.(\d+))?$")
+_PATH_RE = re.compile(r"^[a-z_]+[a-z_0-9]*(?:\.[a-z_0-9]+)*$")
+
+
+class LayerSpecError(ValueError):
+    """A layer spec that names nothing in this model, or cannot be read."""
+
+
+@dataclass(frozen=True)
+class AttentionModule:
+    """One SpatialTransformer of a UNet: where it sits and how many transformer blocks it holds.
+
+    ``level`` and ``position`` are diffusers' ``down_blocks.<level>.attentions.<position>``
+    (``up_blocks`` for the output path, ``mid_block.attentions.0`` for the middle).
+    """
+
+    block: str  # "input" | "middle" | "output"
+    block_id: int  # index into the host's input_blocks / output_blocks (0 for the middle)
+    level: int
+    position: int
+    depth: int  # transformer blocks inside
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One self-attention (attn1) of one transformer block."""
+
+    module: AttentionModule
+    module_index: int  # n in the index syntax (d<n>, m<n>, u<n>)
+    transformer_index: int
+
+    @property
+    def host_key(self) -> tuple[str, int, int]:
+        return (self.module.block, self.module.block_id, self.transformer_index)
+
+    @property
+    def module_path(self) -> str:
+        m = self.module
+        if m.block == "middle":
+            return "mid_block.attentions.0"
+        return f"{_DIFFUSERS_PATH[m.block]}.{m.level}.attentions.{m.position}"
+
+    @property
+    def diffusers_name(self) -> str:
+        return f"{self.module_path}.transformer_blocks.{self.transformer_index}.attn1"
+
+    @property
+    def index_name(self) -> str:
+        return f"{_INDEX_LETTER[self.module.block]}{self.module_index}.{self.transformer_index}"
+
+
+class AttentionLayout:
+    """All self-attention sites of one model, in forward order (down, mid, up)."""
+
+    def __init__(self, modules: list[AttentionModule]):
+        order = {"input": 0, "middle": 1, "output": 2}
+        self.modules = sorted(modules, key=lambda m: (order[m.block], m.block_id))
+        self.sites: list[AttentionSite] = []
+        self._module_index: dict[AttentionModule, int] = {}
+        counters = {"input": 0, "middle": 0, "output": 0}
+        for m in self.modules:
+            n = counters[m.block]
+            counters[m.block] += 1
+            self._module_index[m] = n
+            for k in range(m.depth):
+                self.sites.append(AttentionSite(m, n, k))
+
+    def describe(self) -> str:
+        """The layers of this model in both spellings, one attention module per line."""
+        lines = []
+        for m in self.modules:
+            n = self._module_index[m]
+            letter = _INDEX_LETTER[m.block]
+            path = AttentionSite(m, n, 0).module_path
+            line = f"  {letter}{n} = {path} (host block {m.block}.{m.block_id})"
+            if m.depth > 1:
+                line += f", transformer blocks 0-{m.depth - 1}: {letter}{n}.0-{m.depth - 1}"
+            lines.append(line)
+        return "\n".join(lines)
+
+    def select(self, spec: str) -> list[AttentionSite]:
+        """Parse a comma-separated layer spec and return the sites it names, in forward order.
+
+        Raises LayerSpecError naming the entry that selects nothing, with this model's layers.
+        """
+        entries = [e.strip() for e in (spec or "").split(",")]
+        entries = [e for e in entries if e]
+        if not entries:
+            raise LayerSpecError(
+                "The layer spec is empty. Name at least one self-attention layer, e.g. 'mid' "
+                f"(the middle block). This model has:\n{self.describe()}"
+            )
+        chosen: set[AttentionSite] = set()
+        for entry in entries:
+            matched = self._match(entry)
+            if not matched:
+                raise LayerSpecError(
+                    f"Layer '{entry}' does not exist in this model. Use one of these layers "
+                    f"(index or diffusers spelling; comma-separate several):\n{self.describe()}"
+                )
+            chosen.update(matched)
+        return [s for s in self.sites if s in chosen]
+
+    def _match(self, entry: str) -> list[AttentionSite]:
+        text = entry.lower()
+        if m := _INDEX_RE.match(text):
+            letter, first, last, k_first, k_last = m.groups()
+            block = _LETTER_BLOCK[letter]
+            modules = range(int(first), int(last if last is not None else first) + 1)
+            if k_first is None:
+                return [s for s in self.sites if s.module.block == block and s.module_index in modules]
+            ks = range(int(k_first), int(k_last if k_last is not None else k_first) + 1)
+            return [
+                s
+                for s in self.sites
+                if s.module.block == block and s.module_index in modules and s.transformer_index in ks
+            ]
+        if m := _OLD_DIFFUSERS_RE.match(text):
+            path, level, position = m.groups()
+            components = [_PATH_ALIASES[path], level] + (["attentions", position] if position else [])
+            return self._match_components(components)
+        if m := _HOST_RE.match(text):
+            block, block_id, k = m.groups()
+            return [
+                s
+                for s in self.sites
+                if s.module.block == block
+                and s.module.block_id == int(block_id)
+                and (k is None or s.transformer_index == int(k))
+            ]
+        if _PATH_RE.match(text):
+            components = text.split(".")
+            components[0] = _PATH_ALIASES.get(components[0], components[0])
+            return self._match_components(components)
+        raise LayerSpecError(
+            f"Cannot read layer '{entry}'. Write an index such as 'm0', 'd4', 'u0.4', 'd2.2-9', a "
+            "diffusers path such as 'mid', 'down_blocks.1' or 'up_blocks.0.attentions.1', or a host "
+            f"block such as 'middle.0'. This model has:\n{self.describe()}"
+        )
+
+    def _match_components(self, components: list[str]) -> list[AttentionSite]:
+        n = len(components)
+        found = []
+        for site in self.sites:
+            name = site.diffusers_name.split(".")
+            if any(name[i : i + n] == components for i in range(len(name) - n + 1)):
+                found.append(site)
+        return found
