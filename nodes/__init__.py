@@ -1,0 +1,12 @@
+"""Node schemas and the glue into the host's ModelPatcher: the only code that imports comfy."""
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+from .pag import PerturbedAttentionGuidance
+
+
+class AttentionGuidanceExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [PerturbedAttentionGuidance]

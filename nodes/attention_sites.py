@@ -1,0 +1,70 @@
+"""Our handlers at the host's attn1 sites, chained so that every patch keeps its effect.
+
+The host keeps one attn1 replacement per key and looks up ``(block, id, transformer_index)``
+before ``(block, id)`` (comfy/ldm/modules/attention.py, BasicTransformerBlock.forward, 0.3.75).
+We always register the 3-tuple key and call whatever was there before (ours or another pack's,
+under either key), so two guidance nodes on one layer, or ours over another pack's replacement,
+all act. ComfyUI's own SAG + PAG pair loses PAG because SAG's 3-tuple key shadows PAG's 2-tuple.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import comfy.ldm.modules.attention
+
+# transformer_options key of this pack: {"perturbed": {instance: cond id}, "extra_pass": True, ...}
+GUIDANCE_OPTIONS = "attention_guidance"
+
+AttentionFn = Callable[..., "torch.Tensor"]  # noqa: F821
+
+
+def host_attention(q, k, v, extra_options, **kwargs):
+    """What the host would have computed at this site without any replacement."""
+    return comfy.ldm.modules.attention.optimized_attention(
+        q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
+        transformer_options=extra_options,
+    )
+
+
+def previous_attention(model, key: tuple[str, int, int]) -> AttentionFn:
+    replace = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+    prior = replace.get(key, replace.get(key[:2]))
+    if prior is None:
+        return host_attention
+    return prior
+
+
+def options_for_chunks(extra_options: dict, positions: list[int]) -> dict:
+    """extra_options as seen by a call that gets only the chunks at ``positions``."""
+    narrowed = dict(extra_options)
+    narrowed["cond_or_uncond"] = [extra_options["cond_or_uncond"][i] for i in positions]
+    if "uuids" in extra_options and len(extra_options["uuids"]) == len(extra_options["cond_or_uncond"]):
+        narrowed["uuids"] = [extra_options["uuids"][i] for i in positions]
+    return narrowed
+
+
+def guidance_options(extra_options: dict) -> dict:
+    return extra_options.get(GUIDANCE_OPTIONS, {})
+
+
+def install_site_handler(model, keys, make_handler: Callable[[AttentionFn], AttentionFn]) -> None:
+    """Replace attn1 at each key by ``make_handler(previous)``; the handler must call ``previous``
+    (with narrowed extra_options) for every row it does not handle itself."""
+    for key in keys:
+        previous = previous_attention(model, key)
+        model.set_model_attn1_replace(make_handler(previous), key[0], key[1], key[2])
+
+
+def with_guidance_options(model_options: dict, **updates) -> dict:
+    """A copy of model_options whose transformer_options carry our per-call markers."""
+    options = model_options.copy()
+    transformer_options = dict(options.get("transformer_options", {}))
+    ours = {k: (dict(v) if isinstance(v, dict) else v) for k, v in transformer_options.get(GUIDANCE_OPTIONS, {}).items()}
+    for name, value in updates.items():
+        if isinstance(value, dict):
+            ours.setdefault(name, {}).update(value)
+        else:
+            ours[name] = value
+    transformer_options[GUIDANCE_OPTIONS] = ours
+    options["transformer_options"] = transformer_options
+    return options

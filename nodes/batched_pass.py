@@ -1,0 +1,62 @@
+"""An extra copy of the positive conditioning inside the host's own cond/uncond forward.
+
+diffusers' PAG runs ``[uncond, cond, cond_perturbed]`` as one batch; the host's equivalent is to
+hand ``calc_cond_batch`` one more cond list. A CALC_COND_BATCH wrapper (a list per key, so these
+compose with every other pack's wrappers) appends the copy on the sampler's main call, tags its
+cond id in transformer_options for the attention handlers, strips its output from the returned
+list and leaves it for the post-CFG function. The host still splits the batch by free memory.
+Anything that does not come through the main call (another guider's layout, context windows)
+gets a separate pass from the post-CFG function instead, so the result is the same either way.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import comfy.patcher_extension
+import comfy.samplers
+
+from .attention_sites import GUIDANCE_OPTIONS, with_guidance_options
+
+WRAPPER_KEY = "attention_guidance"
+
+
+def is_main_cond_call(conds, model_options) -> bool:
+    """The sampler's cond/uncond evaluation (``[cond, uncond or None, ...]``), not an extra pass."""
+    if model_options.get("transformer_options", {}).get(GUIDANCE_OPTIONS, {}).get("extra_pass"):
+        return False
+    return len(conds) >= 2 and conds[0] is not None
+
+
+def add_batched_positive_copy(model, instance: str, is_active: Callable[[object, object], bool]):
+    """Install the wrapper on ``model`` (a clone) and return ``perturbed_x0(args)`` for post-CFG use.
+
+    ``is_active(model, sigma)`` decides per call whether the copy is needed at all.
+    """
+    pending: dict = {}
+
+    def calc_cond_batch_wrapper(executor, base_model, conds, x_in, timestep, model_options):
+        if not is_main_cond_call(conds, model_options):
+            return executor(base_model, conds, x_in, timestep, model_options)
+        pending.clear()
+        if not is_active(base_model, timestep):
+            return executor(base_model, conds, x_in, timestep, model_options)
+        cond_id = len(conds)
+        options = with_guidance_options(model_options, perturbed={instance: cond_id})
+        out = executor(base_model, list(conds) + [conds[0]], x_in, timestep, options)
+        pending.update(x=x_in, cond=conds[0], x0=out[cond_id])
+        return out[:cond_id]
+
+    def perturbed_x0(args):
+        """The perturbed positive prediction for this post-CFG call: batched, else a separate pass."""
+        x0 = None
+        if pending.get("x") is args["input"] and pending.get("cond") is args["cond"]:
+            x0 = pending["x0"]
+        pending.clear()
+        if x0 is not None:
+            return x0
+        options = with_guidance_options(args["model_options"], perturbed={instance: 0}, extra_pass=True)
+        (x0,) = comfy.samplers.calc_cond_batch(args["model"], [args["cond"]], args["input"], args["sigma"], options)
+        return x0
+
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, calc_cond_batch_wrapper)
+    return perturbed_x0

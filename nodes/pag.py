@@ -1,0 +1,111 @@
+"""Perturbed-Attention Guidance (Ahn et al., arXiv 2403.17377) as a MODEL patch."""
+from __future__ import annotations
+
+import uuid
+
+from comfy_api.latest import io
+
+from ..guidance_core.layer_spec import LayerSpecError
+from ..guidance_core.rows import split_by_chunk
+from ..guidance_core.schedule import in_sigma_window, validate_percent_window
+from ..pag_core import adaptive_pag_scale, identity_attention, pag_guided, rescale_guided, validate_pag_inputs
+from .attention_sites import guidance_options, install_site_handler, options_for_chunks
+from .batched_pass import add_batched_positive_copy
+from .unet_layout import unet_attention_layout
+
+CATEGORY = "model_patches/attention_guidance"
+
+
+class PerturbedAttentionGuidance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AG_PerturbedAttentionGuidance",
+            display_name="Perturbed-Attention Guidance (PAG)",
+            category=CATEGORY,
+            description=(
+                "Guides away from a prediction whose chosen self-attention maps are replaced by the "
+                "identity (Ahn et al. 2024). Works with or without CFG; at CFG 1 it is PAG alone."
+            ),
+            inputs=[
+                io.Model.Input("model"),
+                io.Float.Input(
+                    "scale", default=3.0, min=0.0, max=100.0, step=0.01, round=0.01,
+                    tooltip="PAG scale s in cfg + s * (cond - perturbed). 3.0 with CFG, about 5.0 alone. 0 disables.",
+                ),
+                io.String.Input(
+                    "layers", default="mid", multiline=False,
+                    tooltip=(
+                        "Self-attention layers to perturb, comma-separated: 'mid', 'down_blocks.2', "
+                        "'up_blocks.0.attentions.1' (diffusers), 'm0', 'u0.4', 'd2.2-9' (paper / "
+                        "sd-perturbed-attention index), 'middle.0' (host block). A wrong name lists the model's layers."
+                    ),
+                ),
+                io.Float.Input(
+                    "adaptive_scale", default=0.0, min=0.0, max=1.0, step=0.0001, round=0.0001,
+                    tooltip="diffusers' pag_adaptive_scale: scale falls by this much per timestep, max(0, s - a*(1000 - t)). 0 = constant.",
+                ),
+                io.Float.Input(
+                    "start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
+                    tooltip="Sampling progress (of the model's noise range) where PAG starts.",
+                ),
+                io.Float.Input(
+                    "end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
+                    tooltip="Sampling progress where PAG stops. Outside the window no extra work is done.",
+                ),
+                io.Float.Input(
+                    "rescale", default=0.0, min=0.0, max=1.0, step=0.01,
+                    tooltip="CFG-rescale of the guided result toward the positive prediction's std (Lin et al.). 0 = off.",
+                ),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, scale, layers, adaptive_scale, start_percent, end_percent, rescale) -> io.NodeOutput:
+        validate_pag_inputs(scale, adaptive_scale, rescale)
+        validate_percent_window(start_percent, end_percent)
+        layout = unet_attention_layout(model, "Perturbed-Attention Guidance")
+        try:
+            sites = layout.select(layers)
+        except LayerSpecError as error:
+            raise LayerSpecError(f"PAG layers: {error}") from None
+        m = model.clone()
+        if scale == 0.0:
+            return io.NodeOutput(m)
+        instance = uuid.uuid4().hex
+
+        def scale_at(base_model, sigma) -> float:
+            sampling = base_model.model_sampling
+            sigma = sigma.flatten()[:1]
+            window = (sampling.percent_to_sigma(start_percent), sampling.percent_to_sigma(end_percent))
+            if not in_sigma_window(float(sigma), *window):
+                return 0.0
+            return adaptive_pag_scale(scale, adaptive_scale, float(sampling.timestep(sigma)))
+
+        perturbed_x0 = add_batched_positive_copy(m, instance, lambda base_model, sigma: scale_at(base_model, sigma) > 0.0)
+
+        def make_handler(previous):
+            def perturbed_attention(q, k, v, extra_options, **kwargs):
+                cond_id = guidance_options(extra_options).get("perturbed", {}).get(instance)
+                if cond_id is None or cond_id not in extra_options["cond_or_uncond"]:
+                    return previous(q, k, v, extra_options, **kwargs)
+                return split_by_chunk(
+                    q, k, v, extra_options["cond_or_uncond"], lambda c: c == cond_id,
+                    lambda q, k, v, positions: identity_attention(q, k, v),
+                    lambda q, k, v, positions: previous(q, k, v, options_for_chunks(extra_options, positions), **kwargs),
+                )
+
+            return perturbed_attention
+
+        install_site_handler(m, [site.host_key for site in sites], make_handler)
+
+        def post_cfg_function(args):
+            s = scale_at(args["model"], args["sigma"])
+            if s == 0.0:
+                return args["denoised"]
+            guided = pag_guided(args["denoised"], args["cond_denoised"], perturbed_x0(args), s)
+            return rescale_guided(guided, args["cond_denoised"], rescale)
+
+        m.set_model_sampler_post_cfg_function(post_cfg_function)
+        return io.NodeOutput(m)
