@@ -130,6 +130,7 @@ def write_tiny_sd15_checkpoint(path=DEFAULT_PATH, seed: int = SEED, force: bool 
         "description": "attention-guidance tiny SD1.5 test checkpoint: RANDOM weights, images are noise",
         "seed": str(seed),
     })
+    os.chmod(partial, 0o644)
     os.replace(partial, path)
     return path
 
