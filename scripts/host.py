@@ -421,7 +421,11 @@ def serve(extra_args: list[str]) -> None:
         command.append("--cpu")
     command += extra_args
     say("$ " + " ".join(command))
-    say("open http://127.0.0.1:8188 (Ctrl+C stops the server)")
+    port = "8188"
+    for flag, value in zip(command, command[1:]):
+        if flag == "--port":
+            port = value
+    say(f"open http://127.0.0.1:{port} once ComfyUI says it is listening (Ctrl+C stops the server)")
     os.chdir(env.host)
     if sys.platform == "win32":
         sys.exit(subprocess.run(command).returncode)
@@ -431,7 +435,9 @@ def serve(extra_args: list[str]) -> None:
 def test(extra_args: list[str]) -> None:
     env = setup()
     environment = dict(os.environ, COMFYUI_PATH=str(env.host))
-    command = [str(env.interpreter.python), "-m", "pytest", "tests", *extra_args]
+    # `test -- tests/test_x.py::name -x` narrows the run; without a path it is the whole tests/ folder.
+    names_a_path = any(not arg.startswith("-") and (REPO / arg.split("::")[0]).exists() for arg in extra_args)
+    command = [str(env.interpreter.python), "-m", "pytest", *([] if names_a_path else ["tests"]), *extra_args]
     say(f"$ COMFYUI_PATH={env.host} " + " ".join(command))
     sys.exit(subprocess.run(command, cwd=REPO, env=environment, stdin=subprocess.DEVNULL).returncode)
 
