@@ -49,11 +49,20 @@ def comfyui_path() -> Path:
     return path
 
 
+def tiny_checkpoint_module():
+    """scripts/tiny_checkpoint.py as a module (scripts/ is not a package)."""
+    name = "ag_tiny_checkpoint"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / "tiny_checkpoint.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
 def tiny_checkpoint() -> Path:
     """The tiny random SD1.5 checkpoint in .cache/models/checkpoints, written on first use."""
-    spec = importlib.util.spec_from_file_location("ag_tiny_checkpoint", REPO / "scripts" / "tiny_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = tiny_checkpoint_module()
     return module.write_tiny_sd15_checkpoint(CHECKPOINTS / module.DEFAULT_PATH.name)
 
 
