@@ -26,12 +26,8 @@ def host_attention(q, k, v, extra_options, **kwargs):
     )
 
 
-def previous_attention(model, key: tuple[str, int, int]) -> AttentionFn:
-    replace = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
-    prior = replace.get(key, replace.get(key[:2]))
-    if prior is None:
-        return host_attention
-    return prior
+def attn1_replacements(model) -> dict:
+    return model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
 
 
 def options_for_chunks(extra_options: dict, positions: list[int]) -> dict:
@@ -47,12 +43,28 @@ def guidance_options(extra_options: dict) -> dict:
     return extra_options.get(GUIDANCE_OPTIONS, {})
 
 
-def install_site_handler(model, keys, make_handler: Callable[[AttentionFn], AttentionFn]) -> None:
-    """Replace attn1 at each key by ``make_handler(previous)``; the handler must call ``previous``
-    (with narrowed extra_options) for every row it does not handle itself."""
-    for key in keys:
-        previous = previous_attention(model, key)
-        model.set_model_attn1_replace(make_handler(previous), key[0], key[1], key[2])
+def install_site_handler(model, sites, make_handler: Callable[[AttentionFn], AttentionFn]) -> None:
+    """Replace attn1 at the given sites by ``make_handler(previous)``; the handler must call
+    ``previous`` (with narrowed extra_options) for every row it does not handle itself.
+
+    A site set covering a whole SpatialTransformer is registered under the host's 2-tuple key
+    ``(block, id)``, so a patch another node puts on that same key at run time (the host's PAG does,
+    inside its own extra pass) replaces ours there instead of being shadowed by a 3-tuple key; any
+    3-tuple entries already on the model are wrapped too. A partial set uses 3-tuple keys.
+    """
+    replacements = attn1_replacements(model)
+    modules: dict = {}
+    for site in sites:
+        modules.setdefault(site.module, []).append(site.transformer_index)
+    for module, indices in modules.items():
+        block = (module.block, module.block_id)
+        if len(indices) == module.depth:
+            keys = [block] + [block + (i,) for i in range(module.depth) if block + (i,) in replacements]
+        else:
+            keys = [block + (i,) for i in indices]
+        previous = {key: replacements.get(key, replacements.get(block, host_attention)) for key in keys}
+        for key in keys:
+            model.set_model_attn1_replace(make_handler(previous[key]), *key)
 
 
 def with_guidance_options(model_options: dict, **updates) -> dict:

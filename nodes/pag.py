@@ -98,7 +98,7 @@ class PerturbedAttentionGuidance(io.ComfyNode):
 
             return perturbed_attention
 
-        install_site_handler(m, [site.host_key for site in sites], make_handler)
+        install_site_handler(m, sites, make_handler)
 
         def post_cfg_function(args):
             s = scale_at(args["model"], args["sigma"])
