@@ -4,9 +4,11 @@ from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
 from .pag import PerturbedAttentionGuidance
+from .sag import SelfAttentionGuidance
+from .sag_preview import SAGMaskPreview
 
 
 class AttentionGuidanceExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [PerturbedAttentionGuidance]
+        return [PerturbedAttentionGuidance, SelfAttentionGuidance, SAGMaskPreview]

@@ -1,0 +1,281 @@
+"""Self-Attention Guidance (Hong et al., arXiv 2210.00939) as a MODEL patch.
+
+One step, as the patch runs it inside the host's sampler:
+
+1. The sampler's cond/uncond forward (a CALC_COND_BATCH wrapper tags it) records, at the chosen
+   self-attention site, the attention mass each key token receives (``sag_core.key_attention_mass``)
+   for the rows of the reference branch only: the uncond entries under CFG, the cond entries when
+   the host skips the uncond at CFG 1. The site's output is whatever the site computed before
+   (the host's attention or another patch's), untouched. Every forward the host splits the batch
+   into records its own entries, keyed by the entry's uuid, on the layer's real token grid
+   (``activations_shape``).
+2. The post-CFG function combines the recorded maps of the reference branch in latent space the
+   way the host combines that branch's predictions (entry area and mult), thresholds it, blurs the
+   reference x0 under the mask, re-noises it with the reference's own noise through the model's
+   ``noise_scaling``, evaluates the model on it (reference conds only) and adds
+   ``scale * (degraded - degraded_denoised)``: the paper's noise-space term written in x0 space
+   (``sag_core.guidance``). The records are dropped at the end of the step.
+"""
+from __future__ import annotations
+
+import uuid
+
+import comfy.patcher_extension
+import comfy.samplers
+import torch
+import torch.nn.functional as F
+from comfy_api.latest import io
+
+from ..guidance_core.layer_spec import LayerSpecError
+from ..guidance_core.rows import chunk_rows
+from ..guidance_core.schedule import in_sigma_window, validate_percent_window
+from ..sag_core import blur_under_mask, key_attention_mass, sag_guided, sag_mask, token_grid, validate_sag_inputs
+from .attention_sites import GUIDANCE_OPTIONS, guidance_options, install_site_handler, with_guidance_options
+from .batched_pass import WRAPPER_KEY, is_main_cond_call
+from .unet_layout import unet_attention_layout
+
+CATEGORY = "model_patches/attention_guidance"
+
+# Keys under transformer_options[GUIDANCE_OPTIONS]:
+# RECORD: {instance: cond id whose chunks the site records}; PREVIEW: a list the post-CFG function
+# appends its mask to (instead of guiding) when the preview node runs the model.
+RECORD = "sag_record"
+PREVIEW = "sag_preview"
+
+# Attribute on our post-CFG function, so the preview node can tell a SAG-patched model apart.
+SAG_PATCH_ATTRIBUTE = "attention_guidance_sag"
+
+
+def _model_guidance_options(model_options: dict) -> dict:
+    return model_options.get("transformer_options", {}).get(GUIDANCE_OPTIONS, {})
+
+
+def select_sag_site(layout, layer: str):
+    """The one attention site ``layer`` names, or an error that says what it selected."""
+    try:
+        sites = layout.select(layer)
+    except LayerSpecError as error:
+        raise LayerSpecError(f"SAG layer: {error}") from None
+    if len(sites) != 1:
+        names = ", ".join(site.index_name for site in sites)
+        raise LayerSpecError(
+            f"SAG layer: '{layer}' selects {len(sites)} self-attention layers ({names}), but SAG records "
+            f"the map of one layer. Name one of them, e.g. '{sites[0].index_name}' "
+            f"(the default 'm0.0' is the middle block's first). This model has:\n{layout.describe()}"
+        )
+    return sites[0]
+
+
+class KeyMassRecord:
+    """Key attention mass of one cond entry's rows at the recorded site: ``mass`` is ``[B, h * w]`` on
+    the layer's ``grid`` ``(h, w)``."""
+
+    __slots__ = ("mass", "grid")
+
+    def __init__(self, mass: torch.Tensor, grid: tuple[int, int]):
+        self.mass = mass
+        self.grid = grid
+
+
+def record_handler(instance: str, records: dict):
+    """``make_handler`` for ``install_site_handler``: the previous attention for every row, plus the
+    key mass of the rows of the chunks tagged for this instance."""
+
+    def make_handler(previous):
+        def sag_record_attention(q, k, v, extra_options, **kwargs):
+            out = previous(q, k, v, extra_options, **kwargs)
+            ref_id = guidance_options(extra_options).get(RECORD, {}).get(instance)
+            if ref_id is None:
+                return out
+            chunks = extra_options["cond_or_uncond"]
+            positions = [i for i, c in enumerate(chunks) if c == ref_id]
+            if not positions:
+                return out
+            grid = token_grid(extra_options.get("activations_shape"), tokens=k.shape[1])
+            rows = chunk_rows(chunks, positions, q.shape[0], q.device)
+            mass = key_attention_mass(q[rows], k[rows], extra_options["n_heads"])
+            size = q.shape[0] // len(chunks)
+            uuids = extra_options.get("uuids") or [None] * len(chunks)
+            for n, position in enumerate(positions):
+                key = uuids[position] if uuids[position] is not None else position
+                records[key] = KeyMassRecord(mass[n * size:(n + 1) * size], grid)
+            return out
+
+        return sag_record_attention
+
+    return make_handler
+
+
+def reference_mass_map(records: dict, ref_conds: list, x: torch.Tensor, sigma: torch.Tensor):
+    """The reference branch's key mass as a ``[B, 1, H, W]`` latent map, or None if nothing was recorded.
+
+    Each entry's map is nearest-upsampled to the region it was evaluated on (the whole latent, or its
+    area) and the maps are averaged with the entry's ``mult`` (mask x strength, feathered areas), as
+    ``comfy.samplers._calc_cond_batch`` averages the entries' predictions. A single full-size entry
+    gives its own map upsampled to the latent, diffusers' mask. Latent pixels no recorded entry
+    covers get mass 0 (never blurred).
+    """
+    batch, _, height, width = x.shape
+    total = torch.zeros(batch, 1, height, width, dtype=torch.float32, device=x.device)
+    weight = torch.zeros_like(total)
+    found = False
+    for entry in ref_conds:
+        p = comfy.samplers.get_area_and_mult(entry, x, sigma)
+        if p is None:
+            continue
+        record = records.get(p.uuid)
+        if record is None or record.mass.shape[0] != batch:
+            continue
+        region = tuple(p.input_x.shape[2:])
+        mass_map = record.mass.reshape(batch, 1, *record.grid).to(device=x.device, dtype=torch.float32)
+        mass_map = F.interpolate(mass_map, size=region, mode="nearest")
+        mult = p.mult[:, :1].to(device=x.device, dtype=torch.float32)
+        total_region, weight_region = total, weight
+        if p.area is not None:
+            dims = len(p.area) // 2
+            for i in range(dims):
+                total_region = total_region.narrow(i + 2, p.area[i + dims], p.area[i])
+                weight_region = weight_region.narrow(i + 2, p.area[i + dims], p.area[i])
+        total_region += mass_map * mult
+        weight_region += mult
+        found = True
+    if not found:
+        return None
+    return torch.where(weight > 0, total / weight.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(total))
+
+
+def sag_latent_mask(mass_map: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``[B, 1, H, W]`` float mask of the latent pixels whose key mass exceeds ``threshold``."""
+    return sag_mask(mass_map.flatten(1), tuple(mass_map.shape[-2:]), threshold)
+
+
+def renoise(model_sampling, sigma, x, x0_ref, degraded_x0):
+    """``degraded_x0`` noised with the noise of ``x`` (relative to ``x0_ref``), in the model's own parameterisation.
+
+    The host's ``noise_scaling(sigma, noise, x0)`` is ``a(sigma) * noise + c(sigma) * x0`` for every
+    sampling type (EPS/V/EDM: c = 1; CONST/flow: c = 1 - sigma), so keeping the noise term of ``x``
+    and swapping the x0 term is ``x + noise_scaling(sigma, 0, degraded_x0 - x0_ref)``.
+    """
+    return x + model_sampling.noise_scaling(sigma, torch.zeros_like(x), degraded_x0 - x0_ref)
+
+
+class SelfAttentionGuidance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AG_SelfAttentionGuidance",
+            display_name="Self-Attention Guidance (SAG)",
+            category=CATEGORY,
+            description=(
+                "Guides away from a prediction whose most-attended regions are blurred (Hong et al. 2023): "
+                "the mask comes from one self-attention layer of the unconditional pass (the conditional "
+                "one at CFG 1). Costs one extra model evaluation of that branch per step."
+            ),
+            inputs=[
+                io.Model.Input("model"),
+                io.Float.Input(
+                    "scale", default=0.75, min=-2.0, max=5.0, step=0.01, round=0.01,
+                    tooltip="SAG scale (diffusers' sag_scale): cfg + scale * (blurred - prediction on blurred), "
+                    "in the paper's noise space. 0 disables; negative values push towards the blur.",
+                ),
+                io.Float.Input(
+                    "blur_sigma", default=1.0, min=0.0, max=10.0, step=0.1, round=0.01,
+                    tooltip="Gaussian blur sigma in latent pixels (diffusers 1.0; the host's SAG node uses 2.0).",
+                ),
+                io.Float.Input(
+                    "threshold", default=1.0, min=0.0, max=64.0, step=0.01, round=0.001,
+                    tooltip="The paper's psi: a latent region is blurred where its tokens receive more than this "
+                    "much attention (the mean is 1.0). Higher = smaller mask. See the SAG Mask Preview node.",
+                ),
+                io.Int.Input(
+                    "kernel_size", default=9, min=1, max=63, step=2,
+                    tooltip="Gaussian kernel size in latent pixels, odd (diffusers 9). Shrunk automatically on tiny latents.",
+                ),
+                io.String.Input(
+                    "layer", default="m0.0", multiline=False,
+                    tooltip="The one self-attention layer whose map makes the mask: 'm0.0' (middle block, first "
+                    "transformer; diffusers' choice), 'mid', 'd4', 'u0.1', 'up_blocks.0.attentions.1', "
+                    "'middle.0'. Same syntax as PAG's layers; a wrong name lists the model's layers.",
+                ),
+                io.Float.Input(
+                    "start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
+                    tooltip="Sampling progress (of the model's noise range) where SAG starts.",
+                ),
+                io.Float.Input(
+                    "end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
+                    tooltip="Sampling progress where SAG stops. Outside the window nothing is recorded or evaluated.",
+                ),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, scale, blur_sigma, threshold, kernel_size, layer, start_percent, end_percent) -> io.NodeOutput:
+        validate_sag_inputs(scale, blur_sigma, threshold, kernel_size)
+        validate_percent_window(start_percent, end_percent)
+        site = select_sag_site(unet_attention_layout(model, "Self-Attention Guidance"), layer)
+        m = model.clone()
+        if scale == 0.0:
+            return io.NodeOutput(m)
+        instance = uuid.uuid4().hex
+        records: dict = {}
+
+        def active(base_model, sigma) -> bool:
+            sampling = base_model.model_sampling
+            window = (sampling.percent_to_sigma(start_percent), sampling.percent_to_sigma(end_percent))
+            return in_sigma_window(float(sigma.flatten()[0]), *window)
+
+        def calc_cond_batch_wrapper(executor, base_model, conds, x_in, timestep, model_options):
+            if not is_main_cond_call(conds, model_options):
+                return executor(base_model, conds, x_in, timestep, model_options)
+            records.clear()
+            if PREVIEW not in _model_guidance_options(model_options) and not active(base_model, timestep):
+                return executor(base_model, conds, x_in, timestep, model_options)
+            # diffusers: the uncond map under CFG, the cond map without (the host drops the uncond at CFG 1)
+            ref_id = 1 if conds[1] is not None else 0
+            options = with_guidance_options(model_options, **{RECORD: {instance: ref_id}})
+            return executor(base_model, conds, x_in, timestep, options)
+
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, calc_cond_batch_wrapper)
+        install_site_handler(m, [site], record_handler(instance, records))
+
+        def reference_mask(args, ref_conds):
+            x, sigma = args["input"], args["sigma"]
+            mass_map = reference_mass_map(records, ref_conds, x, sigma)
+            if mass_map is None:
+                # The main call was not ours to tag (another guider's layout, context windows): record
+                # the reference branch in a pass of its own.
+                records.clear()
+                options = with_guidance_options(args["model_options"], extra_pass=True, **{RECORD: {instance: 0}})
+                comfy.samplers.calc_cond_batch(args["model"], [ref_conds], x, sigma, options)
+                mass_map = reference_mass_map(records, ref_conds, x, sigma)
+            if mass_map is None:
+                return None
+            return sag_latent_mask(mass_map, threshold)
+
+        def post_cfg_function(args):
+            preview = _model_guidance_options(args["model_options"]).get(PREVIEW)
+            try:
+                if preview is None and not active(args["model"], args["sigma"]):
+                    return args["denoised"]
+                use_uncond = args["uncond"] is not None
+                ref_conds = args["uncond"] if use_uncond else args["cond"]
+                x0_ref = args["uncond_denoised"] if use_uncond else args["cond_denoised"]
+                mask = reference_mask(args, ref_conds)
+                if preview is not None:
+                    preview.append(mask)
+                    return args["denoised"]
+                if mask is None:
+                    return args["denoised"]
+                x = args["input"]
+                degraded = blur_under_mask(x0_ref, mask, kernel_size, blur_sigma)
+                x_degraded = renoise(args["model"].model_sampling, args["sigma"], x, x0_ref, degraded)
+                options = with_guidance_options(args["model_options"], extra_pass=True)
+                (degraded_denoised,) = comfy.samplers.calc_cond_batch(args["model"], [ref_conds], x_degraded, args["sigma"], options)
+                return sag_guided(args["denoised"], degraded, degraded_denoised, scale)
+            finally:
+                records.clear()
+
+        setattr(post_cfg_function, SAG_PATCH_ATTRIBUTE, instance)
+        m.set_model_sampler_post_cfg_function(post_cfg_function)
+        return io.NodeOutput(m)

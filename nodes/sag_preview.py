@@ -1,0 +1,101 @@
+"""The SAG mask a SAG-patched model would use at one step, as a MASK and an IMAGE, for tuning
+``threshold`` and ``layer`` by eye."""
+from __future__ import annotations
+
+import comfy.sample
+import comfy.samplers
+import torch
+import torch.nn.functional as F
+from comfy_api.latest import io
+
+from .attention_sites import with_guidance_options
+from .sag import CATEGORY, PREVIEW, SAG_PATCH_ATTRIBUTE
+
+
+def sag_instances(model) -> list[str]:
+    return [
+        getattr(fn, SAG_PATCH_ATTRIBUTE)
+        for fn in model.model_options.get("sampler_post_cfg_function", [])
+        if hasattr(fn, SAG_PATCH_ATTRIBUTE)
+    ]
+
+
+def preview_sampler(collected: list) -> comfy.samplers.KSAMPLER:
+    """A host sampler that makes one model call at the first sigma, with the preview marker set."""
+
+    def one_evaluation(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        extra_args = dict(extra_args or {})
+        extra_args["model_options"] = with_guidance_options(extra_args.get("model_options", {}), **{PREVIEW: collected})
+        model(x, sigmas[0] * x.new_ones([x.shape[0]]), **extra_args)
+        return x
+
+    return comfy.samplers.KSAMPLER(one_evaluation)
+
+
+class SAGMaskPreview(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AG_SAGMaskPreview",
+            display_name="SAG Mask Preview",
+            category=CATEGORY,
+            description=(
+                "Shows the mask Self-Attention Guidance blurs at one step: connect the MODEL output of a "
+                "Self-Attention Guidance (SAG) node (its threshold and layer are used) and the sampler's "
+                "inputs. Runs one model evaluation on the latent noised to that step's sigma, as "
+                "KSampler (Advanced) starting at that step would."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The MODEL output of a Self-Attention Guidance (SAG) node."),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Latent.Input(
+                    "latent_image",
+                    tooltip="Empty latent for the first steps; for later steps a latent of a finished image "
+                    "(sampler output or VAE Encode) shows what SAG sees near the end.",
+                ),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True),
+                io.Int.Input("steps", default=20, min=1, max=10000),
+                io.Int.Input("step", default=0, min=0, max=10000, tooltip="Which step of the schedule, 0 = first."),
+                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="As on the sampler: at 1.0 SAG takes the map of the positive pass."),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES),
+            ],
+            outputs=[
+                io.Mask.Output(display_name="mask"),
+                io.Image.Output(display_name="image"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, seed, steps, step, cfg, scheduler) -> io.NodeOutput:
+        if not sag_instances(model):
+            raise ValueError(
+                "SAG Mask Preview: this model has no Self-Attention Guidance patch. Connect the MODEL output "
+                "of a 'Self-Attention Guidance (SAG)' node (with a scale other than 0) to 'model'."
+            )
+        if step >= steps:
+            raise ValueError(f"SAG Mask Preview: step is {step} but steps is {steps}; use a step from 0 to {steps - 1}.")
+
+        latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
+        noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps)
+
+        collected: list = []
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        guider.sample(noise, latent, preview_sampler(collected), sigmas[step:], denoise_mask=latent_image.get("noise_mask"),
+                      disable_pbar=True, seed=seed)
+
+        # Post-CFG functions run in patch order; the last is the SAG node nearest this one.
+        mask = collected[-1] if collected else None
+        if mask is None:
+            raise ValueError(
+                "SAG Mask Preview: the SAG patch recorded no attention at this step (no conditioning entry "
+                "was active). Check the conditioning's timestep range or choose another step."
+            )
+        ratio = getattr(model.get_model_object("latent_format"), "spacial_downscale_ratio", 8)
+        mask = F.interpolate(mask.float().cpu(), scale_factor=ratio, mode="nearest")[:, 0]
+        image = mask.unsqueeze(-1).expand(-1, -1, -1, 3).contiguous()
+        return io.NodeOutput(mask, image)
