@@ -10,9 +10,11 @@ import torch.nn.functional as F
 
 from .blur import gaussian_blur_2d
 
-# A key is marked when its mass exceeds the threshold by more than this. Flat attention gives masses of
-# 1.0 up to float32 summation noise (~1e-6 for thousands of tokens); diffusers and ComfyUI compare with a
-# plain ``>``, so on a flat map they mark random tokens. Pass tolerance=0 for their exact comparison.
+# A key is marked when its mass exceeds the threshold: the paper's, diffusers' and the host's plain
+# ``>`` (tolerance 0, the default). A flat map has masses of 1.0 up to float32 summation noise (~1e-6
+# for thousands of tokens), so at threshold 1.0 it marks arbitrary tokens, as those implementations
+# do; a tolerance such as this one leaves such a map unmarked. The default stays 0 because a real key
+# mass of 1.00007 is above average attention and the paper blurs it.
 MASS_TOLERANCE = 1e-4
 
 
@@ -32,7 +34,7 @@ def token_grid(activations_shape, tokens=None):
     return height, width
 
 
-def sag_mask(key_mass, grid_hw, threshold=1.0, tolerance=MASS_TOLERANCE):
+def sag_mask(key_mass, grid_hw, threshold=1.0, tolerance=0.0):
     """Binary mask ``[b, 1, h, w]`` (key_mass's float dtype) of the keys with ``mass > threshold + tolerance``.
 
     ``key_mass`` is ``[b, h * w]`` from ``key_attention_mass``; 1.0 is the average mass, so the default
@@ -68,7 +70,7 @@ def blur_under_mask(x0, mask, kernel_size=9, sigma=1.0):
     return gaussian_blur_2d(x0, kernel_size, sigma) * mask + x0 * (1 - mask)
 
 
-def sag_degraded_x0(x0, key_mass, grid_hw, threshold=1.0, kernel_size=9, sigma=1.0, tolerance=MASS_TOLERANCE):
+def sag_degraded_x0(x0, key_mass, grid_hw, threshold=1.0, kernel_size=9, sigma=1.0, tolerance=0.0):
     """The whole SAG degradation of x0: mask from the key mass, upsampled to the latent, blur under it."""
     if key_mass.shape[0] != x0.shape[0]:
         raise ValueError(
