@@ -37,8 +37,8 @@ from .unet_layout import unet_attention_layout
 CATEGORY = "model_patches/attention_guidance"
 
 # Keys under transformer_options[GUIDANCE_OPTIONS]:
-# RECORD: {instance: cond id whose chunks the site records}; PREVIEW: a list the post-CFG function
-# appends its mask to (instead of guiding) when the preview node runs the model.
+# RECORD: {instance: cond id whose chunks the site records}; PREVIEW: a function the post-CFG
+# function hands its mask to, instead of guiding (see with_sag_mask_probe).
 RECORD = "sag_record"
 PREVIEW = "sag_preview"
 
@@ -48,6 +48,16 @@ SAG_PATCH_ATTRIBUTE = "attention_guidance_sag"
 
 def _model_guidance_options(model_options: dict) -> dict:
     return model_options.get("transformer_options", {}).get(GUIDANCE_OPTIONS, {})
+
+
+def with_sag_mask_probe(model, keep):
+    """A clone of a SAG-patched ModelPatcher whose SAG patches call ``keep(mask)`` (``[B, 1, H, W]``
+    latent mask, or None when nothing was recorded) instead of guiding; the model evaluation itself
+    is unchanged. A function, not a container: the host copies lists and dicts in model_options."""
+    probe = model.clone()
+    transformer_options = probe.model_options.setdefault("transformer_options", {})
+    transformer_options[GUIDANCE_OPTIONS] = {**transformer_options.get(GUIDANCE_OPTIONS, {}), PREVIEW: keep}
+    return probe
 
 
 def select_sag_site(layout, layer: str):
@@ -77,15 +87,21 @@ class KeyMassRecord:
         self.grid = grid
 
 
-def record_handler(instance: str, records: dict):
-    """``make_handler`` for ``install_site_handler``: the previous attention for every row, plus the
-    key mass of the rows of the chunks tagged for this instance."""
+def record_handler(instance: str, transformer_index: int, records: dict):
+    """``make_handler`` for ``install_site_handler``: the previous attention for every row, plus, in
+    transformer block ``transformer_index``, the key mass of the rows of the chunks tagged for this
+    instance.
+
+    It is installed on every transformer block of the site's SpatialTransformer (so under the host's
+    2-tuple key, which a run-time patch such as the host's PAG pass can replace instead of being
+    shadowed by our 3-tuple key) and only records in its own block.
+    """
 
     def make_handler(previous):
         def sag_record_attention(q, k, v, extra_options, **kwargs):
             out = previous(q, k, v, extra_options, **kwargs)
             ref_id = guidance_options(extra_options).get(RECORD, {}).get(instance)
-            if ref_id is None:
+            if ref_id is None or extra_options.get("block_index", 0) != transformer_index:
                 return out
             chunks = extra_options["cond_or_uncond"]
             positions = [i for i, c in enumerate(chunks) if c == ref_id]
@@ -213,7 +229,8 @@ class SelfAttentionGuidance(io.ComfyNode):
     def execute(cls, model, scale, blur_sigma, threshold, kernel_size, layer, start_percent, end_percent) -> io.NodeOutput:
         validate_sag_inputs(scale, blur_sigma, threshold, kernel_size)
         validate_percent_window(start_percent, end_percent)
-        site = select_sag_site(unet_attention_layout(model, "Self-Attention Guidance"), layer)
+        layout = unet_attention_layout(model, "Self-Attention Guidance")
+        site = select_sag_site(layout, layer)
         m = model.clone()
         if scale == 0.0:
             return io.NodeOutput(m)
@@ -237,7 +254,8 @@ class SelfAttentionGuidance(io.ComfyNode):
             return executor(base_model, conds, x_in, timestep, options)
 
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, calc_cond_batch_wrapper)
-        install_site_handler(m, [site], record_handler(instance, records))
+        module_sites = [s for s in layout.sites if s.module == site.module]
+        install_site_handler(m, module_sites, record_handler(instance, site.transformer_index, records))
 
         def reference_mask(args, ref_conds):
             x, sigma = args["input"], args["sigma"]
@@ -263,7 +281,7 @@ class SelfAttentionGuidance(io.ComfyNode):
                 x0_ref = args["uncond_denoised"] if use_uncond else args["cond_denoised"]
                 mask = reference_mask(args, ref_conds)
                 if preview is not None:
-                    preview.append(mask)
+                    preview(mask)
                     return args["denoised"]
                 if mask is None:
                     return args["denoised"]

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import comfy.sample
 import comfy.samplers
-import torch
 import torch.nn.functional as F
 from comfy_api.latest import io
 
-from .attention_sites import with_guidance_options
-from .sag import CATEGORY, PREVIEW, SAG_PATCH_ATTRIBUTE
+from .sag import CATEGORY, SAG_PATCH_ATTRIBUTE, with_sag_mask_probe
 
 
 def sag_instances(model) -> list[str]:
@@ -20,13 +18,11 @@ def sag_instances(model) -> list[str]:
     ]
 
 
-def preview_sampler(collected: list) -> comfy.samplers.KSAMPLER:
-    """A host sampler that makes one model call at the first sigma, with the preview marker set."""
+def one_evaluation_sampler() -> comfy.samplers.KSAMPLER:
+    """A host sampler that makes one model call at the first sigma and returns its input."""
 
     def one_evaluation(model, x, sigmas, extra_args=None, callback=None, disable=None):
-        extra_args = dict(extra_args or {})
-        extra_args["model_options"] = with_guidance_options(extra_args.get("model_options", {}), **{PREVIEW: collected})
-        model(x, sigmas[0] * x.new_ones([x.shape[0]]), **extra_args)
+        model(x, sigmas[0] * x.new_ones([x.shape[0]]), **(extra_args or {}))
         return x
 
     return comfy.samplers.KSAMPLER(one_evaluation)
@@ -82,10 +78,14 @@ class SAGMaskPreview(io.ComfyNode):
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps)
 
         collected: list = []
-        guider = comfy.samplers.CFGGuider(model)
+
+        def keep(mask):
+            collected.append(mask)
+
+        guider = comfy.samplers.CFGGuider(with_sag_mask_probe(model, keep))
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
-        guider.sample(noise, latent, preview_sampler(collected), sigmas[step:], denoise_mask=latent_image.get("noise_mask"),
+        guider.sample(noise, latent, one_evaluation_sampler(), sigmas[step:], denoise_mask=latent_image.get("noise_mask"),
                       disable_pbar=True, seed=seed)
 
         # Post-CFG functions run in patch order; the last is the SAG node nearest this one.
