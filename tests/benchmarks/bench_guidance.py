@@ -1,0 +1,230 @@
+"""Speed and memory of the guidance patches, side by side in one process and one run.
+
+Samples the same seed with CFG only, the host's PAG / SAG / SAG+PAG nodes and ours, and our PAG
+over half the schedule, on a full-width SD1.5-shaped UNet (real channel counts, random weights).
+Prints per configuration: best wall time of N repeats, ratio to CFG only, ratio to the host's
+equivalent node, diffusion-model forward calls and rows per step, peak extra memory (RSS on CPU,
+allocator peak on CUDA), then the targets of issue 5 and a one-line summary.
+
+    python3 scripts/host.py setup
+    COMFYUI_PATH=.cache/comfyui .cache/venv/bin/python tests/benchmarks/bench_guidance.py [--latent 32] [--batch 1 2]
+
+This is a measurement, not a test: it never fails on a slow machine, it reports.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import conftest  # noqa: E402,F401  (host on sys.path, CPU flag, the pack as `attention_guidance`)
+
+import comfy.model_base  # noqa: E402
+import comfy.model_management  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import comfy.supported_models  # noqa: E402
+import torch  # noqa: E402
+from comfy_extras.nodes_pag import PerturbedAttentionGuidance as HostPAG  # noqa: E402
+from comfy_extras.nodes_sag import SelfAttentionGuidance as HostSAG  # noqa: E402
+
+from attention_guidance.nodes.pag import PerturbedAttentionGuidance  # noqa: E402
+from attention_guidance.nodes.sag import SelfAttentionGuidance  # noqa: E402
+from support.models import count_model_calls, initialise_weights, sample  # noqa: E402
+
+# support.models pins one thread for the tiny test models; a full-width UNet wants every core.
+torch.set_num_threads(os.cpu_count() or 1)
+
+SD15_FULL = dict(
+    use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+    adm_in_channels=None, in_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
+    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], channel_mult=[1, 2, 4, 4], transformer_depth_middle=1,
+    use_linear_in_transformer=False, context_dim=768, num_heads=8,
+    transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], use_temporal_resblock=False,
+    use_temporal_attention=False,
+)
+SDXL_FULL = dict(
+    use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+    num_classes="sequential", adm_in_channels=2816, in_channels=4, model_channels=320, num_res_blocks=[2, 2, 2],
+    transformer_depth=[0, 0, 2, 2, 10, 10], channel_mult=[1, 2, 4], transformer_depth_middle=10,
+    use_linear_in_transformer=True, context_dim=2048, num_head_channels=64,
+    transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], use_temporal_resblock=False,
+    use_temporal_attention=False,
+)
+
+
+def build(arch: str, dtype: torch.dtype):
+    device = comfy.model_management.get_torch_device()
+    if arch == "sdxl":
+        config = comfy.supported_models.SDXL(dict(SDXL_FULL))
+        config.set_inference_dtype(dtype, None)
+        model = comfy.model_base.SDXL(config, device=device)
+    else:
+        config = comfy.supported_models.SD15(dict(SD15_FULL))
+        config.set_inference_dtype(dtype, None)
+        model = comfy.model_base.BaseModel(config, device=device)
+    initialise_weights(model.diffusion_model, seed=0)
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def conditioning(arch: str, batch: int):
+    g = torch.Generator().manual_seed(0)
+    context = 2048 if arch == "sdxl" else 768
+    extras = {}
+    if arch == "sdxl":
+        extras = dict(pooled_output=torch.randn(batch, 1280, generator=g), width=1024, height=1024, crop_w=0,
+                      crop_h=0, target_width=1024, target_height=1024)
+    return ([[torch.randn(batch, 77, context, generator=g), dict(extras)]],
+            [[torch.randn(batch, 77, context, generator=g), dict(extras)]])
+
+
+def configurations(model):
+    def ours_pag(m, **kw):
+        args = dict(scale=3.0, layers="mid", adaptive_scale=0.0, start_percent=0.0, end_percent=1.0, rescale=0.0)
+        args.update(kw)
+        return PerturbedAttentionGuidance.execute(m, **args).result[0]
+
+    def ours_sag(m):
+        return SelfAttentionGuidance.execute(m, scale=0.5, blur_sigma=2.0, threshold=1.0, kernel_size=9,
+                                             layer="m0.0", start_percent=0.0, end_percent=1.0).result[0]
+
+    def host_pag(m):
+        return HostPAG.execute(m, 3.0).result[0]
+
+    def host_sag(m):
+        return HostSAG.execute(m, 0.5, 2.0).result[0]
+
+    # name -> (patched model, name of the host's equivalent)
+    return {
+        "CFG only": (model, None),
+        "host PAG": (host_pag(model), None),
+        "our PAG": (ours_pag(model), "host PAG"),
+        "host SAG": (host_sag(model), None),
+        "our SAG": (ours_sag(model), "host SAG"),
+        "host SAG+PAG": (host_pag(host_sag(model)), None),
+        "our SAG+PAG": (ours_pag(ours_sag(model)), "host SAG+PAG"),
+        "our PAG end 0.5": (ours_pag(model, end_percent=0.5), "host PAG"),
+    }
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: the CUDA allocator's peak, or RSS polled every 2 ms."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        self.base = self.peak = self.rss()
+        self.running = True
+
+        def poll():
+            while self.running:
+                self.peak = max(self.peak, self.rss())
+                time.sleep(0.002)
+
+        self.thread = threading.Thread(target=poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.extra = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.running = False
+            self.thread.join()
+            self.extra = max(0, self.peak - self.base)
+
+
+def measure(model, positive, negative, latent, steps, repeats):
+    device = comfy.model_management.get_torch_device()
+    with count_model_calls(model) as calls:
+        sample(model, positive, negative, latent, sampler_name="euler", steps=steps, cfg=5.0, seed=1)
+    forwards = len(calls) / steps
+    rows = sum(c.batch_size for c in calls) / steps
+    best, peak = float("inf"), 0
+    for _ in range(repeats):
+        with PeakMemory(device) as memory:
+            start = time.perf_counter()
+            sample(model, positive, negative, latent, sampler_name="euler", steps=steps, cfg=5.0, seed=1)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        peak = max(peak, memory.extra)
+    return best, forwards, rows, peak
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
+    parser.add_argument("--latent", type=int, default=32, help="latent side (pixels / 8)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--fp16", action="store_true", help="fp16 weights (GPU runs)")
+    options = parser.parse_args()
+
+    dtype = torch.float16 if options.fp16 else torch.float32
+    device = comfy.model_management.get_torch_device()
+    print(f"# {options.arch.upper()}-shaped UNet, random weights, {dtype}, latent {options.latent}x{options.latent}, "
+          f"{options.steps} euler steps, CFG 5, best of {options.repeats}; device {device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    started = time.perf_counter()
+    model = build(options.arch, dtype)
+    model.model.to(device)
+    results = {}
+    for batch in options.batch:
+        positive, negative = conditioning(options.arch, batch)
+        latent = torch.zeros(batch, 4, options.latent, options.latent)
+        print(f"\n## batch {batch}\n")
+        print("| configuration | time (s) | vs CFG only | vs host equivalent | forwards/step | rows/step | peak extra memory (MiB) |")
+        print("|---|---|---|---|---|---|---|")
+        rows = {}
+        for name, (patched, host_name) in configurations(model).items():
+            rows[name] = measure(patched, positive, negative, latent, options.steps, options.repeats)
+            seconds, forwards, nrows, peak = rows[name]
+            base = rows["CFG only"][0]
+            versus = f"{seconds / rows[host_name][0]:.2f}x" if host_name else "-"
+            print(f"| {name} | {seconds:.3f} | {seconds / base:.2f}x | {versus} | {forwards:g} | {nrows:g} | "
+                  f"{peak / 2**20:.0f} |", flush=True)
+        results[batch] = rows
+    print("\n## targets (issue 5)\n")
+    verdicts = []
+    for batch, rows in results.items():
+        t = {name: r[0] for name, r in rows.items()}
+        mem = {name: r[3] for name, r in rows.items()}
+        checks = [
+            ("our PAG <= 1.5x CFG only", t["our PAG"] / t["CFG only"], 1.5),
+            ("our PAG <= 1.0x host PAG", t["our PAG"] / t["host PAG"], 1.0),
+            ("our SAG <= 1.5x CFG only", t["our SAG"] / t["CFG only"], 1.5),
+            ("our SAG <= 1.0x host SAG", t["our SAG"] / t["host SAG"], 1.0),
+            ("our SAG+PAG <= 2.0x CFG only", t["our SAG+PAG"] / t["CFG only"], 2.0),
+            ("our PAG end 0.5 <= 1.25x CFG only", t["our PAG end 0.5"] / t["CFG only"], 1.25),
+            ("our PAG memory <= host PAG", mem["our PAG"] / max(mem["host PAG"], 1), 1.0),
+            ("our SAG memory <= host SAG", mem["our SAG"] / max(mem["host SAG"], 1), 1.0),
+            ("our SAG+PAG memory <= host SAG+PAG", mem["our SAG+PAG"] / max(mem["host SAG+PAG"], 1), 1.0),
+        ]
+        for label, ratio, limit in checks:
+            ok = ratio <= limit
+            verdicts.append(ok)
+            print(f"- batch {batch}: {label}: {ratio:.2f} {'met' if ok else 'MISSED'}")
+    print(f"\nsummary: {sum(verdicts)}/{len(verdicts)} targets met; forwards/step with PAG+CFG: "
+          f"{results[options.batch[0]]['our PAG'][1]:g} (host: {results[options.batch[0]]['host PAG'][1]:g}); "
+          f"total {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
