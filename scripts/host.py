@@ -17,6 +17,11 @@ this script. The pack is made loadable without touching the host: ``.cache/custo
 links to this repository and ``.cache/extra_model_paths.yaml`` adds that folder (and
 ``.cache/models/checkpoints``) to the host's search paths through ``--extra-model-paths-config``.
 
+``setup`` and ``test`` also make sure a Chromium exists for the browser tests (tests/test_frontend.py):
+``$AG_CHROMIUM`` or one on PATH, else Debian's ``chromium`` package through apt-get when running as root;
+otherwise they say how to get one (or to set ``AG_SKIP_BROWSER_TESTS=1``). Playwright, which drives it,
+is in tests/requirements.txt and never downloads a browser.
+
 Standard library only, so that it runs before anything is installed.
 """
 from __future__ import annotations
@@ -60,6 +65,12 @@ CUSTOM_NODES = CACHE / "custom_nodes"
 CHECKPOINTS = CACHE / "models" / "checkpoints"
 EXTRA_MODEL_PATHS = CACHE / "extra_model_paths.yaml"
 TINY_CHECKPOINT = CHECKPOINTS / "ag_tiny_sd15_random.safetensors"
+
+# The browser tests' Chromium: the same names tests/support/browser.py looks for, and the Debian
+# packages that provide it (fonts-liberation: the metric-compatible fonts the canvas text needs;
+# chromium's other recommends are desktop services a headless run does not use).
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+BROWSER_APT_PACKAGES = ["chromium", "fonts-liberation"]
 
 
 def say(message: str) -> None:
@@ -367,6 +378,48 @@ def ensure_pack_paths(host: Path) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
+# Browser for the frontend tests
+
+
+def find_chromium() -> str | None:
+    chosen = os.environ.get("AG_CHROMIUM")
+    if chosen:
+        return chosen if Path(chosen).is_file() else None
+    for name in CHROMIUM_NAMES:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def ensure_browser() -> None:
+    if os.environ.get("AG_SKIP_BROWSER_TESTS") == "1":
+        say("browser: skipped, AG_SKIP_BROWSER_TESTS=1 (tests/test_frontend.py will be skipped)")
+        return
+    found = find_chromium()
+    if found:
+        say(f"browser: skipped, Chromium found at {found}")
+        return
+    if os.environ.get("AG_CHROMIUM"):
+        fail(f"AG_CHROMIUM={os.environ['AG_CHROMIUM']} is not a file. Point it at a Chromium or Chrome binary, or unset it.")
+    can_install = sys.platform.startswith("linux") and shutil.which("apt-get") and os.geteuid() == 0
+    if not can_install:
+        say("browser: WARNING: no Chromium found (looked for " + ", ".join(CHROMIUM_NAMES) + ") and it is "
+            "not installed automatically here (that needs root and apt-get). tests/test_frontend.py will fail: "
+            "install Chromium (Debian/Ubuntu: `sudo apt-get install chromium fonts-liberation`), point "
+            "AG_CHROMIUM at a Chromium/Chrome binary, or set AG_SKIP_BROWSER_TESTS=1 to skip those tests.")
+        return
+    say(f"browser: no Chromium found; installing Debian's {' '.join(BROWSER_APT_PACKAGES)} for tests/test_frontend.py")
+    apt_environment = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    run(["apt-get", "update"], env=apt_environment)
+    run(["apt-get", "install", "-y", "--no-install-recommends", *BROWSER_APT_PACKAGES], env=apt_environment)
+    found = find_chromium()
+    if not found:
+        fail(f"apt-get installed {' '.join(BROWSER_APT_PACKAGES)} but no Chromium is on PATH (looked for {', '.join(CHROMIUM_NAMES)}).")
+    say(f"browser: Chromium installed at {found}")
+
+
+# --------------------------------------------------------------------------------------------------
 # Commands
 
 
@@ -376,13 +429,15 @@ class Setup:
     interpreter: Interpreter
 
 
-def setup() -> Setup:
+def setup(with_browser: bool = True) -> Setup:
     started = time.monotonic()
     CACHE.mkdir(exist_ok=True)
     interpreter = ensure_interpreter()
     host = resolve_host(interpreter)
     ensure_packages(interpreter, host)
     ensure_pack_paths(host)
+    if with_browser:
+        ensure_browser()
     say(f"setup done in {time.monotonic() - started:.1f} s: ComfyUI {host}, Python {interpreter.version} {interpreter.python}")
     return Setup(host, interpreter)
 
@@ -407,7 +462,7 @@ def accelerator_available(python: Path) -> bool:
 
 
 def serve(extra_args: list[str]) -> None:
-    env = setup()
+    env = setup(with_browser=False)
     if not existing_checkpoints(env.host):
         say(f"checkpoint: none found in {env.host / 'models' / 'checkpoints'} nor {CHECKPOINTS}; writing the tiny demo checkpoint")
         run([env.interpreter.python, REPO / "scripts" / "tiny_checkpoint.py", "--comfyui", env.host, TINY_CHECKPOINT])
