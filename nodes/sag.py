@@ -18,6 +18,7 @@ One step, as the patch runs it inside the host's sampler:
 """
 from __future__ import annotations
 
+import logging
 import uuid
 
 import comfy.patcher_extension
@@ -236,6 +237,7 @@ class SelfAttentionGuidance(io.ComfyNode):
             return io.NodeOutput(m)
         instance = uuid.uuid4().hex
         records: dict = {}
+        warned: list = []
 
         def active(base_model, sigma) -> bool:
             sampling = base_model.model_sampling
@@ -284,6 +286,13 @@ class SelfAttentionGuidance(io.ComfyNode):
                     preview(mask)
                     return args["denoised"]
                 if mask is None:
+                    if not warned:
+                        warned.append(True)
+                        logging.warning(
+                            "Self-Attention Guidance: no attention of the reference conditioning (the negative "
+                            "under CFG, the positive at CFG 1) was recorded at layer '%s', so SAG skips this step. "
+                            "Either none of its entries is active at this step (timestep range), or the sampler "
+                            "evaluates the model in pieces (context windows), which SAG does not support.", layer)
                     return args["denoised"]
                 x = args["input"]
                 degraded = blur_under_mask(x0_ref, mask, kernel_size, blur_sigma)

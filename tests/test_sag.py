@@ -20,6 +20,7 @@ import nodes as host_nodes
 import pytest
 import torch
 import torch.nn.functional as F
+from comfy_extras.nodes_custom_sampler import Guider_DualCFG
 from comfy_extras.nodes_model_advanced import ModelSamplingSD3
 from comfy_extras.nodes_pag import PerturbedAttentionGuidance as HostPAG
 from comfy_extras.nodes_sag import SelfAttentionGuidance as HostSAG
@@ -470,6 +471,59 @@ def test_batch_rows_are_guided_independently(model, family):
                                      for k, v in c[1].items()}] for c in conditioning]
         single = denoise_once(patched, row(positive), row(negative), x[i:i + 1], sigma, 5.0)
         assert rel_err(single, both[i:i + 1]) < 1e-4
+
+
+def one_step_with_guider(guider, x, sigma):
+    """One evaluation of any host guider at exactly (x, sigma), as support.models.denoise_once does for CFG."""
+    kept = []
+
+    def evaluate_once(model, noise, sigmas, extra_args=None, callback=None, disable=None, **kwargs):
+        kept.append(model(x, sigmas[0] * x.new_ones([x.shape[0]]), **(extra_args or {})))
+        return kept[-1]
+
+    zeros = torch.zeros_like(x)
+    guider.sample(zeros, zeros, comfy.samplers.KSAMPLER(evaluate_once), torch.cat([sigma, sigma.new_zeros(1)]),
+                  disable_pbar=True, seed=0)
+    return kept[0]
+
+
+def test_a_guider_with_its_own_cond_layout_gets_a_recording_pass():
+    # DualCFGGuider evaluates [negative, middle, positive] and then runs CFG of middle against negative:
+    # SAG's main-call recording (list 1, the middle) is not the reference of that CFG, so SAG records
+    # the negative in a pass of its own. Its term is then the same as in plain CFG with that negative.
+    model = build_model("sd15", seed=0)
+    positive, negative = make_conditioning("sd15", batch=1, seed=31)
+    middle, _ = make_conditioning("sd15", batch=1, seed=32)
+    x, sigma = noisy_latent(model, 600)
+
+    def dual(patcher):
+        guider = Guider_DualCFG(patcher)
+        guider.set_conds(positive, middle, negative)
+        guider.set_cfg(3.0, 2.0)
+        return guider
+
+    patched = sag(model)
+    with count_model_calls(patched) as calls:
+        ours = one_step_with_guider(dual(patched), x, sigma)
+    # the three lists in one forward, the negative's recording pass, the degraded negative
+    assert [sorted(c.cond_or_uncond) for c in calls] == [[0, 1, 2], [0], [0]]
+    plain = one_step_with_guider(dual(model), x, sigma)
+    sag_term = (denoise_once(patched, middle, negative, x, sigma, 2.0)
+                - denoise_once(model, middle, negative, x, sigma, 2.0))
+    assert rel_err(ours, plain + sag_term) < 1e-4
+    assert rel_err(ours, plain) > 1e-3
+
+
+def test_a_reference_without_active_entries_is_skipped_with_a_warning(caplog):
+    # The negative applies only to the first 10% of sampling: later the host predicts no uncond at all
+    model = build_model("sd15", seed=0)
+    positive, negative = make_conditioning("sd15", batch=1, seed=33)
+    (early_negative,) = host_nodes.ConditioningSetTimestepRange().set_range(negative, 0.0, 0.1)
+    x, sigma = noisy_latent(model, 300)
+    with caplog.at_level("WARNING"):
+        ours = denoise_once(sag(model), positive, early_negative, x, sigma, 4.0)
+    assert torch.equal(ours, denoise_once(model, positive, early_negative, x, sigma, 4.0))
+    assert "SAG skips this step" in caplog.text
 
 
 # --- cost: no forced uncond, recording only where needed, window, scale 0 ----------------------------
