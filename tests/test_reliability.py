@@ -1,0 +1,354 @@
+"""Reliability in a long host session next to other packs (issue 7), in the real host in-process:
+determinism, no state shared between patched clones, the input model left as it was, chaining with
+another pack's attention override and post-CFG function, fp16/bf16 models, and no memory growth over
+many SAG steps."""
+import copy
+import gc
+
+import comfy.ldm.modules.attention
+import comfy.model_management
+import comfy.model_patcher
+import pytest
+import torch
+
+import attention_guidance.nodes.sag as sag_node
+from attention_guidance.nodes.pag import PerturbedAttentionGuidance
+from attention_guidance.nodes.sag import SelfAttentionGuidance, with_sag_mask_probe
+from support.models import (
+    _MODEL_CLASSES, HEADS, UNET_CONFIGS, build_model, count_model_calls, denoise_once, initialise_weights,
+    make_conditioning, sample,
+)
+
+
+def pag(model, scale=3.0, layers="mid", adaptive_scale=0.0, start_percent=0.0, end_percent=1.0, rescale=0.0):
+    return PerturbedAttentionGuidance.execute(
+        model, scale, layers, adaptive_scale, start_percent, end_percent, rescale
+    ).result[0]
+
+
+def sag(model, scale=0.75, blur_sigma=1.0, threshold=1.0, kernel_size=9, layer="m0.0", start_percent=0.0,
+        end_percent=1.0):
+    return SelfAttentionGuidance.execute(
+        model, scale, blur_sigma, threshold, kernel_size, layer, start_percent, end_percent
+    ).result[0]
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def noisy_latent(model, t, shape=(1, 4, 8, 8), seed=1):
+    sampling = model.get_model_object("model_sampling")
+    sigma = sampling.sigmas[t].reshape(1)
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(shape, generator=g)
+    noise = torch.randn(shape, generator=g)
+    return sampling.noise_scaling(sigma, noise, x0), sigma
+
+
+def closure_vars(function) -> dict:
+    return dict(zip(function.__code__.co_freevars, (cell.cell_contents for cell in function.__closure__)))
+
+
+def sag_records(patched) -> dict:
+    """The SAG node's per-instance record dict (a closure variable of its post-CFG function)."""
+    (post_cfg,) = [f for f in patched.model_options["sampler_post_cfg_function"]
+                   if hasattr(f, sag_node.SAG_PATCH_ATTRIBUTE)]
+    return closure_vars(post_cfg)["records"]
+
+
+NODES = {"pag": lambda m, **kw: pag(m, **kw), "sag": lambda m, **kw: sag(m, **kw)}
+SETTINGS = {"pag": ({"scale": 1.0}, {"scale": 5.0, "layers": "u0"}),
+            "sag": ({"scale": 0.3}, {"scale": 1.5, "blur_sigma": 2.0, "layer": "u1"})}
+
+
+# --- state ----------------------------------------------------------------------------------------------
+
+def test_the_same_graph_twice_gives_identical_samples():
+    model = build_model("sd15", seed=0)
+    positive, negative = make_conditioning("sd15", batch=2, seed=30)
+    latent = torch.zeros(2, 4, 8, 8)
+    graph = lambda: pag(sag(model), layers="m0.0")  # noqa: E731
+    first = sample(graph(), positive, negative, latent, steps=6, cfg=5.0, seed=7)
+    second = sample(graph(), positive, negative, latent, steps=6, cfg=5.0, seed=7)
+    # the same patched model object sampled again, too
+    patched = graph()
+    third = sample(patched, positive, negative, latent, steps=6, cfg=5.0, seed=7)
+    fourth = sample(patched, positive, negative, latent, steps=6, cfg=5.0, seed=7)
+    assert torch.isfinite(first).all()
+    assert torch.equal(first, second) and torch.equal(first, third) and torch.equal(first, fourth)
+    plain = sample(model, positive, negative, latent, steps=6, cfg=5.0, seed=7)
+    assert rel_err(first, plain) > 1e-3
+
+
+def _options_snapshot(model) -> dict:
+    """model_options with functions kept by identity and tensors by value, comparable with ==."""
+    def freeze(value):
+        if isinstance(value, dict):
+            return {k: freeze(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(freeze(v) for v in value)
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tuple(value.shape), value.tolist())
+        return value if callable(value) else copy.deepcopy(value)
+
+    wrappers = {k: {key: list(fs) for key, fs in v.items()} for k, v in model.wrappers.items()}
+    return {"model_options": freeze(model.model_options), "wrappers": wrappers}
+
+
+@pytest.mark.parametrize("node", ["pag", "sag"])
+def test_the_input_model_is_untouched_by_patching_and_sampling(node):
+    model = build_model("sd15", seed=0)
+    # an input model that already carries another pack's patches, as in a real graph
+    model.set_model_attn1_replace(lambda q, k, v, extra_options: comfy.ldm.modules.attention.optimized_attention(
+        q, k, v, extra_options["n_heads"]), "middle", 0, 0)
+    model.set_model_sampler_post_cfg_function(lambda args: args["denoised"])
+    positive, negative = make_conditioning("sd15", batch=1, seed=31)
+    x, sigma = noisy_latent(model, 600)
+    before_options = _options_snapshot(model)
+    before = denoise_once(model, positive, negative, x, sigma, 4.0)
+    patched = NODES[node](model)
+    assert _options_snapshot(model) == before_options
+    sample(patched, positive, negative, torch.zeros(1, 4, 8, 8), steps=3, cfg=4.0, seed=1)
+    denoise_once(patched, positive, negative, x, sigma, 4.0)
+    assert _options_snapshot(model) == before_options
+    assert torch.equal(denoise_once(model, positive, negative, x, sigma, 4.0), before)
+
+
+@pytest.mark.parametrize("node", ["pag", "sag"])
+def test_two_clones_with_different_settings_keep_their_own(node):
+    model = build_model("sd15", seed=0)
+    positive, negative = make_conditioning("sd15", batch=1, seed=32)
+    latent = torch.zeros(1, 4, 8, 8)
+    settings_a, settings_b = SETTINGS[node]
+    a, b = NODES[node](model, **settings_a), NODES[node](model, **settings_b)
+    # one graph, two samplers: both patched models exist before either samples
+    out_a = sample(a, positive, negative, latent, steps=4, cfg=4.0, seed=3)
+    out_b = sample(b, positive, negative, latent, steps=4, cfg=4.0, seed=3)
+    again_a = sample(a, positive, negative, latent, steps=4, cfg=4.0, seed=3)
+    fresh_a = sample(NODES[node](model, **settings_a), positive, negative, latent, steps=4, cfg=4.0, seed=3)
+    fresh_b = sample(NODES[node](model, **settings_b), positive, negative, latent, steps=4, cfg=4.0, seed=3)
+    assert torch.equal(out_a, again_a) and torch.equal(out_a, fresh_a) and torch.equal(out_b, fresh_b)
+    assert rel_err(out_a, out_b) > 1e-3
+
+
+@pytest.mark.parametrize("node", ["pag", "sag"])
+def test_a_clone_run_inside_another_clones_step_leaves_its_state_alone(node):
+    # Another patched model runs a whole step between our forward and our post-CFG function (a foreign
+    # post-CFG function that samples on its own, as a preview pack might). With any state shared
+    # between the two, the outer one would lose its batched copy / records: a different result or
+    # an extra pass of its own. (The inner one has its own base model: a nested sampling of the same
+    # BaseModel ends by clearing its current_patcher, which the host's own SAG cannot survive either.)
+    model = build_model("sd15", seed=0)
+    positive, negative = make_conditioning("sd15", batch=1, seed=33)
+    x, sigma = noisy_latent(model, 700)
+    settings_a, settings_b = SETTINGS[node]
+    alone = denoise_once(NODES[node](model, **settings_a), positive, negative, x, sigma, 4.0)
+    inner = NODES[node](build_model("sd15", seed=0), **settings_b)
+    inner_alone = denoise_once(inner, positive, negative, x, sigma, 4.0)
+    inner_results = []
+
+    def run_the_other_clone(args):
+        inner_results.append(denoise_once(inner, positive, negative, x, sigma, 4.0))
+        return args["denoised"]
+
+    host = model.clone()
+    host.set_model_sampler_post_cfg_function(run_the_other_clone)
+    outer = NODES[node](host, **settings_a)
+    with count_model_calls(outer) as calls:
+        out = denoise_once(outer, positive, negative, x, sigma, 4.0)
+    assert torch.equal(out, alone)
+    assert len(inner_results) == 1 and torch.equal(inner_results[0], inner_alone)
+    extra = [[0, 1, 2]] if node == "pag" else [[0, 1], [0]]
+    assert [sorted(c.cond_or_uncond) for c in calls] == extra
+
+
+# --- other packs' patches on the same model ---------------------------------------------------------
+
+def _post_cfg_pack(model, calls):
+    """Another pack's post-CFG function (a plain 0.9 x damping of the result), on a clone of ``model``."""
+    def damp(args):
+        calls.append(args["denoised"].shape)
+        return 0.9 * args["denoised"]
+
+    foreign = model.clone()
+    foreign.set_model_sampler_post_cfg_function(damp)
+    return foreign
+
+
+@pytest.mark.parametrize("node", ["pag", "sag"])
+@pytest.mark.parametrize("cfg", [4.0, 1.0])
+def test_chains_with_another_packs_post_cfg_function(node, cfg):
+    model = build_model("sd15", seed=0)
+    positive, negative = make_conditioning("sd15", batch=1, seed=34)
+    x, sigma = noisy_latent(model, 700)
+    base = denoise_once(model, positive, negative, x, sigma, cfg)
+    ours = denoise_once(NODES[node](model), positive, negative, x, sigma, cfg)
+    calls = []
+    # theirs first: ours adds its term to their damped result; ours first: they damp our result
+    theirs_then_ours = denoise_once(NODES[node](_post_cfg_pack(model, calls)), positive, negative, x, sigma, cfg)
+    assert len(calls) == 1
+    ours_then_theirs = denoise_once(_post_cfg_pack(NODES[node](model), calls), positive, negative, x, sigma, cfg)
+    assert len(calls) == 2
+    assert rel_err(theirs_then_ours, ours - 0.1 * base) < 1e-4
+    assert rel_err(ours_then_theirs, 0.9 * ours) < 1e-5
+    assert rel_err(ours, base) > 1e-3
+
+
+def _attention_override_pack(model, seen):
+    """Another pack's ``optimized_attention_override`` (the host's wrap_attn hook): sharper attention
+    (queries x 1.5); records each self-attention call's block and chunks."""
+    def sharpen(func, q, k, v, heads, *args, **kwargs):
+        options = kwargs.get("transformer_options") or {}
+        if q.shape[-2 if kwargs.get("skip_reshape") else 1] == k.shape[-2 if kwargs.get("skip_reshape") else 1]:
+            seen.append((options.get("block", (None,))[0], sorted(options.get("cond_or_uncond", []))))
+        return func(q * 1.5, k, v, heads, *args, **kwargs)
+
+    foreign = model.clone()
+    foreign.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = sharpen
+    return foreign
+
+
+def test_sag_keeps_another_packs_attention_override():
+    model = build_model("sd15", seed=0)
+    positive, negative = make_conditioning("sd15", batch=1, seed=35)
+    x, sigma = noisy_latent(model, 700)
+    seen = []
+    foreign = _attention_override_pack(model, seen)
+    foreign_only = denoise_once(foreign, positive, negative, x, sigma, 4.0)
+    assert seen and rel_err(foreign_only, denoise_once(model, positive, negative, x, sigma, 4.0)) > 1e-3
+    # recording leaves their attention in the model's own pass, bit for bit
+    probe = with_sag_mask_probe(sag(foreign), lambda mask: None)
+    assert torch.equal(denoise_once(probe, positive, negative, x, sigma, 4.0), foreign_only)
+    seen.clear()
+    out = denoise_once(sag(foreign), positive, negative, x, sigma, 4.0)
+    # every self-attention of both forwards (the degraded pass included) went through their override
+    assert ("middle", [0, 1]) in seen and ("middle", [0]) in seen
+    assert {block for block, _ in seen} == {"input", "middle", "output"}
+    assert rel_err(out, foreign_only) > 1e-3
+    assert rel_err(out, denoise_once(sag(model), positive, negative, x, sigma, 4.0)) > 1e-3
+
+
+def test_pag_keeps_another_packs_attention_override():
+    model = build_model("sd15", seed=0)
+    positive, negative = make_conditioning("sd15", batch=1, seed=36)
+    x, sigma = noisy_latent(model, 700)
+    seen, kept = [], []
+    foreign = _attention_override_pack(model, seen)
+
+    def keep_cond_predictions(args):
+        kept.append((args["cond_denoised"], args["uncond_denoised"]))
+        return args["denoised"]
+
+    foreign.set_model_sampler_post_cfg_function(keep_cond_predictions)
+    foreign_only = denoise_once(foreign, positive, negative, x, sigma, 4.0)
+    seen.clear()
+    out = denoise_once(pag(foreign), positive, negative, x, sigma, 4.0)
+    # the cond/uncond predictions PAG guides from are theirs (sharpened), batched with the copy
+    assert rel_err(kept[1][0], kept[0][0]) < 1e-5 and rel_err(kept[1][1], kept[0][1]) < 1e-5
+    # outside the perturbed layer all three chunks use their attention; in it only cond and uncond
+    assert ("input", [0, 1, 2]) in seen and ("output", [0, 1, 2]) in seen
+    assert [chunks for block, chunks in seen if block == "middle"] == [[0, 1]]
+    assert rel_err(out, foreign_only) > 1e-3
+    assert rel_err(out, denoise_once(pag(model), positive, negative, x, sigma, 4.0)) > 1e-3
+
+
+# --- precision ------------------------------------------------------------------------------------------
+
+def build_model_in(family: str, weight_dtype, compute_dtype, seed: int = 0):
+    """``build_model`` with the host's dtype handling: weights stored in ``weight_dtype``; with a
+    ``compute_dtype`` the host picks ``comfy.ops.manual_cast`` (weights cast per layer), as it does for
+    an fp16 checkpoint on a device without fp16 compute."""
+    config_class, model_class, model_type = _MODEL_CLASSES[family]
+    model_config = config_class(UNET_CONFIGS[family])
+    model_config.unet_config.update(HEADS[family])
+    model_config.set_inference_dtype(weight_dtype, compute_dtype)
+    model = model_class(model_config, model_type=model_type, device=torch.device("cpu"))
+    initialise_weights(model.diffusion_model, seed)
+    model.tiny_family = family
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=comfy.model_management.get_torch_device(), offload_device=torch.device("cpu"))
+
+
+# (weight dtype, compute dtype or None for native, tolerance): the host's manual-cast paths and native
+# low precision. Tolerance: max error of the guided x0, and of the guidance term (guided - unguided),
+# relative to fp32's max; about twice what was measured on sd15 at t=700 (term: fp16 0.003-0.006,
+# bf16 weights 0.02, bf16 compute 0.035-0.075; the term itself is 16-24% of x0).
+PRECISIONS = [(torch.float16, torch.float32, 0.01), (torch.bfloat16, torch.float32, 0.05),
+              (torch.float32, torch.bfloat16, 0.15), (torch.bfloat16, None, 0.15), (torch.float16, None, 0.02)]
+
+
+@pytest.mark.parametrize("weight_dtype,compute_dtype,tolerance", PRECISIONS, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("node", ["pag", "sag"])
+def test_low_precision_models_are_finite_and_close_to_fp32(node, weight_dtype, compute_dtype, tolerance):
+    reference = build_model("sd15", seed=0)
+    model = build_model_in("sd15", weight_dtype, compute_dtype, seed=0)
+    positive, negative = make_conditioning("sd15", batch=1, seed=37)
+    x, sigma = noisy_latent(reference, 700)
+    base32 = denoise_once(reference, positive, negative, x, sigma, 4.0)
+    ours32 = denoise_once(NODES[node](reference), positive, negative, x, sigma, 4.0)
+    base = denoise_once(model, positive, negative, x, sigma, 4.0)
+    ours = denoise_once(NODES[node](model), positive, negative, x, sigma, 4.0)
+    assert torch.isfinite(ours).all()
+    assert rel_err(ours, ours32) < tolerance
+    assert rel_err(ours - base, ours32 - base32) < tolerance
+    latent = sample(NODES[node](model), positive, negative, torch.zeros(1, 4, 8, 8), steps=4, cfg=4.0, seed=2)
+    assert torch.isfinite(latent).all()
+
+
+@pytest.mark.parametrize("weight_dtype,compute_dtype", [(torch.bfloat16, None), (torch.float16, None),
+                                                        (torch.float32, torch.bfloat16)])
+def test_sag_records_attention_probabilities_in_fp32(weight_dtype, compute_dtype, monkeypatch):
+    model = build_model_in("sd15", weight_dtype, compute_dtype, seed=0)
+    positive, negative = make_conditioning("sd15", batch=1, seed=38)
+    x, sigma = noisy_latent(model, 700)
+    seen = []
+    real = sag_node.key_attention_mass
+
+    def spy(q, k, heads, query_chunk=None):
+        mass = real(q, k, heads, query_chunk)
+        seen.append((q.dtype, mass.dtype, mass.sum(-1) / k.shape[1]))
+        return mass
+
+    monkeypatch.setattr(sag_node, "key_attention_mass", spy)
+    denoise_once(sag(model), positive, negative, x, sigma, 4.0)
+    low = compute_dtype or weight_dtype
+    assert [(q_dtype, mass_dtype) for q_dtype, mass_dtype, _ in seen] == [(low, torch.float32)]
+    # fp32 softmax rows sum to 1, so the mean key mass is 1 to fp32 accuracy, not to bf16's 1e-2
+    assert torch.allclose(seen[0][2], torch.ones_like(seen[0][2]), atol=1e-5)
+
+
+# --- memory ---------------------------------------------------------------------------------------------
+
+def live_tensor_count() -> int:
+    gc.collect()
+    count = 0
+    for obj in gc.get_objects():
+        # type(), not isinstance(): isinstance reads __class__, which wakes lazy module proxies
+        if issubclass(type(obj), torch.Tensor):
+            count += 1
+    return count
+
+
+def test_many_sag_steps_retain_no_tensors_and_free_the_records_each_step():
+    model = build_model("sd15", seed=0)
+    positive, negative = make_conditioning("sd15", batch=1, seed=39)
+    latent = torch.zeros(1, 4, 8, 8)
+    during, after = [], []
+    host = model.clone()
+    # theirs runs before ours in the step (records filled), a second one after ours (records dropped)
+    host.set_model_sampler_post_cfg_function(lambda args: during.append(len(records)) or args["denoised"])
+    patched = sag(host)
+    records = sag_records(patched)
+    patched.set_model_sampler_post_cfg_function(lambda args: after.append(len(records)) or args["denoised"])
+    sample(patched, positive, negative, latent, steps=10, cfg=4.0, seed=4)  # warm-up: host caches
+    warm = live_tensor_count()
+    sample(patched, positive, negative, latent, steps=10, cfg=4.0, seed=4)
+    short = live_tensor_count()
+    during.clear(), after.clear()
+    sample(patched, positive, negative, latent, steps=200, cfg=4.0, seed=4)
+    long = live_tensor_count()
+    assert len(during) == len(after) == 200
+    assert set(during) == {1} and set(after) == {0}
+    assert short == warm and long == warm
+    assert len(records) == 0
