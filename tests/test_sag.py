@@ -277,7 +277,7 @@ LAYERS = {
     ((8, 8), None, 2),
     ((13, 10), None, 2),
     ((11, 5), None, 2),
-    ((77, 49), ["m0.0"], 1),
+    ((77, 49), ["m0.0"], 1),  # middle grid 39x25: 975 tokens, which also factor as 25x39, 15x65, 13x75
     ((65, 65), ["m0.0"], 1),  # 520x520
 ])
 def test_mask_is_the_key_mass_on_the_layers_real_grid(model, family, latent_hw, layers, batch):
@@ -306,19 +306,6 @@ def check_mask_against_the_layers_projections(model, family, latent_hw, layers, 
         near = F.interpolate(((mass - 1.0).abs() < 1e-5).float().reshape(batch, 1, *grid), size=latent_hw)
         assert torch.equal(mask[near == 0], expected[near == 0]), layer
         assert 0.0 < expected.mean() < 1.0, layer
-
-
-def test_layer_grid_is_never_guessed_from_the_token_count():
-    # 77x49 latent: the middle grid of the tiny SD1.5 is 39x25 = 975 tokens, which also factors as
-    # 25x39, 15x65, 13x75 ...; the host's node picks its factorisation from the latent's aspect ratio.
-    model = build_model("sd15", seed=0)
-    positive, negative = make_conditioning("sd15", batch=1, seed=6)
-    x, sigma = noisy_latent(model, 500, shape=(1, 4, 77, 49))
-    with recorded_query_key(model, "m0.0") as (_, grids, _heads):
-        denoise_once(model, positive, negative, x, sigma, 1.0)
-    assert grids == [(39, 25)]
-    mask = sag_mask_at(sag(model), positive, negative, x, sigma, 1.0)
-    assert mask.shape == (1, 1, 77, 49)
 
 
 # --- batch, chunking, several conds, areas, ControlNet ----------------------------------------------
