@@ -18,6 +18,9 @@ freely):
   optional ``.k`` picks transformer block k inside one (SDXL: ``m0.4``), and both take ranges:
   ``d0-3`` (or ``d0-d3``), ``d2.2-9``.
 - the host's own block names: ``middle.0``, ``input.4``, ``output.3.1``.
+
+DiT models (SD3's MMDiT, Flux) have transformer blocks instead: ``DiTLayout`` at the end of this file
+(``joint.13``, ``double.7``, ``single.20``, diffusers' ``transformer_blocks.13``).
 """
 from __future__ import annotations
 
@@ -179,3 +182,135 @@ class AttentionLayout:
             if any(name[i : i + n] == components for i in range(len(name) - n + 1)):
                 found.append(site)
         return found
+
+
+# --- DiT transformer blocks ------------------------------------------------------------------------
+#
+# A DiT's self-attention sites are its transformer blocks. Each kind of block has three spellings:
+#
+#   kind    short name  host module (ComfyUI)  diffusers module                    models
+#   joint   joint.13    joint_blocks.13        transformer_blocks.13(.attn)        SD3 / SD3.5 (MMDiT)
+#   double  double.7    double_blocks.7        transformer_blocks.7(.attn)         Flux
+#   single  single.20   single_blocks.20       single_transformer_blocks.20(.attn) Flux
+#
+# Accepted entries: a short name, a range of one kind (``single.0-9``), a kind alone (every block of
+# it), or a module path matched on whole dot-separated components of the host or diffusers name, as
+# for UNets (``transformer_blocks.13``, ``joint_blocks.13``, ``single_transformer_blocks.20.attn``).
+# diffusers' docs and SD3 PAG default write ``blocks.13`` / ``blocks.1``: a path may start with
+# ``blocks``, which stands for any ``*_blocks`` component, so on Flux it names the double and the
+# single block of that index, as diffusers' regex search would (without its ``blocks.1`` also
+# taking ``blocks.10``-``19``).
+
+_DIT_HOST_PATH = {"joint": "joint_blocks", "double": "double_blocks", "single": "single_blocks"}
+_DIT_DIFFUSERS_PATH = {"joint": "transformer_blocks", "double": "transformer_blocks", "single": "single_transformer_blocks"}
+_DIT_SHORT_RE = re.compile(r"^(joint|double|single)(?:\.(\d+)(?:-(\d+))?)?$")
+
+
+@dataclass(frozen=True)
+class DiTBlock:
+    """One transformer block of a DiT, the unit attention guidance acts on."""
+
+    kind: str  # "joint" | "double" | "single"
+    index: int
+
+    @property
+    def index_name(self) -> str:
+        return f"{self.kind}.{self.index}"
+
+    @property
+    def host_name(self) -> str:
+        return f"{_DIT_HOST_PATH[self.kind]}.{self.index}"
+
+    @property
+    def diffusers_name(self) -> str:
+        return f"{_DIT_DIFFUSERS_PATH[self.kind]}.{self.index}.attn"
+
+
+class DiTLayout:
+    """The transformer blocks of one DiT, in forward order.
+
+    ``family`` names the model in messages (e.g. "SD3", "Flux"); ``architecture`` is the node's key for
+    how to reach the blocks ("mmdit" or "flux"); ``depths`` maps each kind to its block count, in
+    forward order; ``notes`` adds a line per kind to ``describe`` (e.g. which blocks have a second,
+    image-only self-attention).
+    """
+
+    def __init__(self, family: str, architecture: str, depths: dict[str, int], notes: dict[str, str] | None = None):
+        self.family = family
+        self.architecture = architecture
+        self.depths = dict(depths)
+        self.notes = dict(notes or {})
+        self.sites: list[DiTBlock] = [DiTBlock(kind, i) for kind, n in self.depths.items() for i in range(n)]
+
+    def describe(self) -> str:
+        """The blocks of this model in all three spellings, one kind per line."""
+        lines = []
+        for kind, n in self.depths.items():
+            if n == 0:
+                continue
+            indices = "0" if n == 1 else f"0-{n - 1}"
+            line = (f"  {kind}.{indices} = {_DIT_DIFFUSERS_PATH[kind]}.{indices} "
+                    f"(host {_DIT_HOST_PATH[kind]}.{indices})")
+            if kind in self.notes:
+                line += f"; {self.notes[kind]}"
+            lines.append(line)
+        return "\n".join(lines)
+
+    def _examples(self) -> tuple[str, str]:
+        """A block and a range of this model, for messages: ('joint.12', 'joint.12-23')."""
+        kind, n = max(self.depths.items(), key=lambda item: item[1])
+        return f"{kind}.{n // 2}", f"{kind}.0-{n - 1}"
+
+    def select(self, spec: str) -> list[DiTBlock]:
+        """Parse a comma-separated block spec and return the blocks it names, in forward order.
+
+        Raises LayerSpecError naming the entry that selects nothing, with this model's blocks.
+        """
+        entries = [e.strip() for e in (spec or "").split(",")]
+        entries = [e for e in entries if e]
+        if not entries:
+            raise LayerSpecError(
+                f"The layer spec is empty. Name at least one transformer block, e.g. '{self._examples()[0]}'. "
+                f"This {self.family} model has:\n{self.describe()}"
+            )
+        chosen: set[DiTBlock] = set()
+        for entry in entries:
+            matched = self._match(entry)
+            if not matched:
+                raise LayerSpecError(
+                    f"Layer '{entry}' does not exist in this {self.family} model, which has transformer blocks, "
+                    f"not UNet layers. Use one of these blocks (short, diffusers or host spelling; ranges such as "
+                    f"'{self._examples()[1]}'; comma-separate several):\n{self.describe()}"
+                )
+            chosen.update(matched)
+        return [s for s in self.sites if s in chosen]
+
+    def _match(self, entry: str) -> list[DiTBlock]:
+        text = entry.lower()
+        if m := _DIT_SHORT_RE.match(text):
+            kind, first, last = m.groups()
+            if first is None:
+                return [s for s in self.sites if s.kind == kind]
+            indices = range(int(first), int(last if last is not None else first) + 1)
+            return [s for s in self.sites if s.kind == kind and s.index in indices]
+        if _PATH_RE.match(text):
+            components = text.split(".")
+            return [s for s in self.sites if self._path_matches(s, components)]
+        block, blocks = self._examples()
+        raise LayerSpecError(
+            f"Cannot read layer '{entry}'. Write a block such as '{block}', a range such as '{blocks}', or a "
+            f"diffusers / host path such as '{self.sites[0].diffusers_name[:-len('.attn')]}'. This {self.family} "
+            f"model has:\n{self.describe()}"
+        )
+
+    @staticmethod
+    def _path_matches(site: DiTBlock, components: list[str]) -> bool:
+        n = len(components)
+        for name in (site.diffusers_name, site.host_name):
+            parts = name.split(".")
+            for i in range(len(parts) - n + 1):
+                window = parts[i : i + n]
+                head_ok = window[0] == components[0] or (components[0] == "blocks" and window[0].endswith("_blocks"))
+                if head_ok and window[1:] == components[1:]:
+                    return True
+        return False
