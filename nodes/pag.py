@@ -5,13 +5,15 @@ import uuid
 
 from comfy_api.latest import io
 
-from ..guidance_core.layer_spec import LayerSpecError
+from ..guidance_core.layer_spec import DiTLayout, LayerSpecError
 from ..guidance_core.rows import split_by_chunk
 from ..guidance_core.schedule import in_sigma_window, validate_percent_window
 from ..pag_core import adaptive_pag_scale, identity_attention, pag_guided, rescale_guided, validate_pag_inputs
 from .attention_sites import guidance_options, install_site_handler, options_for_chunks
 from .batched_pass import add_batched_positive_copy
-from .unet_layout import unet_attention_layout
+from .dit_attention import install_dit_handler
+from .dit_handlers import perturbed_attention_handler
+from .dit_layout import attention_layout
 
 CATEGORY = "model_patches/attention_guidance"
 
@@ -38,7 +40,9 @@ class PerturbedAttentionGuidance(io.ComfyNode):
                     tooltip=(
                         "Self-attention layers to perturb, comma-separated: 'mid', 'down_blocks.2', "
                         "'up_blocks.0.attentions.1' (diffusers), 'm0', 'u0.4', 'd2.2-9' (paper / "
-                        "sd-perturbed-attention index), 'middle.0' (host block). A wrong name lists the model's layers."
+                        "sd-perturbed-attention index), 'middle.0' (host block). SD3: 'joint.13' or "
+                        "'transformer_blocks.13'; Flux: 'double.7', 'single.20', 'single.0-9'. "
+                        "A wrong name lists the model's layers."
                     ),
                 ),
                 io.Float.Input(
@@ -65,7 +69,7 @@ class PerturbedAttentionGuidance(io.ComfyNode):
     def execute(cls, model, scale, layers, adaptive_scale, start_percent, end_percent, rescale) -> io.NodeOutput:
         validate_pag_inputs(scale, adaptive_scale, rescale)
         validate_percent_window(start_percent, end_percent)
-        layout = unet_attention_layout(model, "Perturbed-Attention Guidance")
+        layout = attention_layout(model, "Perturbed-Attention Guidance")
         try:
             sites = layout.select(layers)
         except LayerSpecError as error:
@@ -98,7 +102,10 @@ class PerturbedAttentionGuidance(io.ComfyNode):
 
             return perturbed_attention
 
-        install_site_handler(m, sites, make_handler)
+        if isinstance(layout, DiTLayout):
+            install_dit_handler(m, layout, sites, perturbed_attention_handler(instance))
+        else:
+            install_site_handler(m, sites, make_handler)
 
         def post_cfg_function(args):
             s = scale_at(args["model"], args["sigma"])

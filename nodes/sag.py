@@ -8,7 +8,8 @@ One step, as the patch runs it inside the host's sampler:
    the host skips the uncond at CFG 1. The site's output is whatever the site computed before
    (the host's attention or another patch's), untouched. Every forward the host splits the batch
    into records its own entries, keyed by the entry's uuid, on the layer's real token grid
-   (``activations_shape``).
+   (``activations_shape``). On a DiT (SD3, Flux) the site is a transformer block and the map is that
+   of its image tokens (``dit_handlers.key_mass_recorder``).
 2. The post-CFG function combines the recorded maps of the reference branch in latent space the
    way the host combines that branch's predictions (entry area and mult), thresholds it, blurs the
    reference x0 under the mask, re-noises it with the reference's own noise through the model's
@@ -27,13 +28,15 @@ import torch
 import torch.nn.functional as F
 from comfy_api.latest import io
 
-from ..guidance_core.layer_spec import LayerSpecError
+from ..guidance_core.layer_spec import DiTLayout, LayerSpecError
 from ..guidance_core.rows import chunk_rows
 from ..guidance_core.schedule import in_sigma_window, validate_percent_window
 from ..sag_core import blur_under_mask, key_attention_mass, sag_guided, sag_mask, token_grid, validate_sag_inputs
 from .attention_sites import GUIDANCE_OPTIONS, guidance_options, install_site_handler, with_guidance_options
 from .batched_pass import WRAPPER_KEY, is_main_cond_call
-from .unet_layout import unet_attention_layout
+from .dit_attention import install_dit_handler
+from .dit_handlers import key_mass_recorder
+from .dit_layout import attention_layout
 
 CATEGORY = "model_patches/attention_guidance"
 
@@ -212,7 +215,8 @@ class SelfAttentionGuidance(io.ComfyNode):
                     "layer", default="m0.0", multiline=False,
                     tooltip="The one self-attention layer whose map makes the mask: 'm0.0' (middle block, first "
                     "transformer; diffusers' choice), 'mid', 'd4', 'u0.1', 'up_blocks.0.attentions.1', "
-                    "'middle.0'. Same syntax as PAG's layers; a wrong name lists the model's layers.",
+                    "'middle.0'. SD3: 'joint.13'; Flux: 'double.7', 'single.20'. Same syntax as PAG's layers; "
+                    "a wrong name lists the model's layers.",
                 ),
                 io.Float.Input(
                     "start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
@@ -230,7 +234,7 @@ class SelfAttentionGuidance(io.ComfyNode):
     def execute(cls, model, scale, blur_sigma, threshold, kernel_size, layer, start_percent, end_percent) -> io.NodeOutput:
         validate_sag_inputs(scale, blur_sigma, threshold, kernel_size)
         validate_percent_window(start_percent, end_percent)
-        layout = unet_attention_layout(model, "Self-Attention Guidance")
+        layout = attention_layout(model, "Self-Attention Guidance")
         site = select_sag_site(layout, layer)
         m = model.clone()
         if scale == 0.0:
@@ -256,8 +260,11 @@ class SelfAttentionGuidance(io.ComfyNode):
             return executor(base_model, conds, x_in, timestep, options)
 
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, calc_cond_batch_wrapper)
-        module_sites = [s for s in layout.sites if s.module == site.module]
-        install_site_handler(m, module_sites, record_handler(instance, site.transformer_index, records))
+        if isinstance(layout, DiTLayout):
+            install_dit_handler(m, layout, [site], key_mass_recorder(instance, RECORD, records, KeyMassRecord))
+        else:
+            module_sites = [s for s in layout.sites if s.module == site.module]
+            install_site_handler(m, module_sites, record_handler(instance, site.transformer_index, records))
 
         def reference_mask(args, ref_conds):
             x, sigma = args["input"], args["sigma"]

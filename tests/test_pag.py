@@ -240,17 +240,14 @@ def test_bad_inputs_name_the_input(kwargs, words):
         assert word in str(error.value)
 
 
-def test_a_dit_model_is_refused_by_name():
+def test_an_unsupported_dit_model_is_refused_by_name():
     import comfy.model_base
     import comfy.model_patcher
     import comfy.supported_models
 
-    config = dict(image_model="flux", in_channels=16, patch_size=2, out_channels=16, vec_in_dim=64,
-                  context_in_dim=64, hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1,
-                  axes_dim=[8, 12, 12], theta=10000, qkv_bias=True, guidance_embed=False)
-    flux = comfy.model_base.Flux(comfy.supported_models.Flux(config), device="meta")
+    aura = comfy.model_base.AuraFlow(comfy.supported_models.AuraFlow({"cond_seq_dim": 2048}), device="meta")
     cpu = torch.device("cpu")
-    patcher = comfy.model_patcher.ModelPatcher(flux, load_device=cpu, offload_device=cpu)
+    patcher = comfy.model_patcher.ModelPatcher(aura, load_device=cpu, offload_device=cpu)
     with pytest.raises(UnsupportedModelError) as error:
         pag(patcher)
-    assert "Flux" in str(error.value) and "SD1.x" in str(error.value)
+    assert "AuraFlow" in str(error.value) and "SD1.x" in str(error.value) and "Flux" in str(error.value)

@@ -1,0 +1,57 @@
+"""Which model family a node was given: the attention layout of every family the pack patches (UNets,
+SD3's MMDiT, Flux), and a refusal naming the family and what is supported for every other one."""
+from __future__ import annotations
+
+from comfy.ldm.flux.model import Flux
+from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+from ..guidance_core.layer_spec import AttentionLayout, DiTLayout
+from .unet_layout import UnsupportedModelError, model_family, unet_attention_layout
+
+SUPPORTED_FAMILIES = (
+    "SD1.x, SD2.x and SDXL-style UNets; SD3 / SD3.5 (MMDiT); Flux.1 dev / schnell / Kontext / Fill and "
+    "Flux.2 (Flux)"
+)
+
+
+def _ranges(indices: list[int]) -> str:
+    """'0-12' for a run of consecutive indices, '0, 3, 5' otherwise."""
+    if indices == list(range(indices[0], indices[-1] + 1)) and len(indices) > 1:
+        return f"{indices[0]}-{indices[-1]}"
+    return ", ".join(str(i) for i in indices)
+
+
+def dit_attention_layout(model) -> DiTLayout | None:
+    """The transformer blocks of a supported DiT, or None if the model is not one."""
+    diffusion_model = model.get_model_object("diffusion_model")
+    family = model_family(model)
+    if isinstance(diffusion_model, MMDiT) and getattr(diffusion_model, "joint_blocks", None) is not None:
+        blocks = diffusion_model.joint_blocks
+        dual = [i for i, block in enumerate(blocks) if block.x_block.x_block_self_attn]
+        notes = {}
+        if dual:
+            notes["joint"] = (f"blocks {_ranges(dual)} also have SD3.5's image-only self-attention (attn2), "
+                              "guided together with their joint attention")
+        return DiTLayout(family, "mmdit", {"joint": len(blocks)}, notes)
+    if isinstance(diffusion_model, Flux):
+        if any(block.flipped_img_txt for block in diffusion_model.double_blocks) or not len(diffusion_model.double_blocks):
+            return None  # not Flux's layout (image before text, or no double block to read the text length at)
+        return DiTLayout(family, "flux", {"double": len(diffusion_model.double_blocks),
+                                          "single": len(diffusion_model.single_blocks)})
+    return None
+
+
+def attention_layout(model, node_name: str) -> AttentionLayout | DiTLayout:
+    """The self-attention layout of a ModelPatcher's model, or a clear error for a family we can't patch."""
+    layout = dit_attention_layout(model)
+    if layout is not None:
+        return layout
+    diffusion_model = model.get_model_object("diffusion_model")
+    if isinstance(diffusion_model, UNetModel):
+        return unet_attention_layout(model, node_name)
+    raise UnsupportedModelError(
+        f"{node_name} cannot patch this model: it is a {model_family(model)} model "
+        f"({type(diffusion_model).__name__}), whose self-attention the node cannot reach, so it would do "
+        f"nothing. Supported: {SUPPORTED_FAMILIES}. Remove the node for this model."
+    )
