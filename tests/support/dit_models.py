@@ -1,0 +1,341 @@
+"""Tiny DiT models of the families the pack supports, built from the host's own classes, and the
+diffusers twin of the SD3 one.
+
+Families (see ``DIT_CONFIGS``):
+
+- ``sd3``: ``comfy.supported_models.SD3`` + ``comfy.model_base.SD3`` (MMDiT, flow matching with
+  shift 3). Head size 64 and ``depth`` heads as in every MMDiT (the host derives both from
+  ``depth``): 4 heads, 4 joint blocks, the last one ``pre_only`` (its text stream ends there), no qk-norm.
+- ``sd35``: the same with SD3.5's RMS qk-norm and SD3.5 Medium's extra image-only self-attention
+  (``x_block_self_attn``) in blocks 0 and 1.
+- ``flux``: ``comfy.supported_models.Flux`` + ``comfy.model_base.Flux`` (guidance-embedded,
+  Flux.1-dev style), 3 double and 4 single blocks, 2 heads of 32 channels.
+- ``flux2``: the same blocks in ``comfy.supported_models.Flux2`` / ``comfy.model_base.Flux2``'s layout
+  (patch size 1, 128 latent channels, shared modulation; the host pads the text to 512 tokens).
+
+Weights are random but fixed by ``seed`` (``support.models.initialise_weights``; the MMDiT's
+``pos_embed`` buffer gets the same treatment); fp32 on the CPU. One forward at an 8x8 latent
+(16 image tokens, 7 text tokens) takes a few milliseconds.
+
+``SD3Twin`` is diffusers' ``SD3Transformer2DModel`` with the host model's weights, moved through the
+host's own key map (``comfy.utils.mmdit_to_diffusers``), and ``sd3_pag_reference`` runs one step of
+diffusers' ``StableDiffusion3PAGPipeline`` around it.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+
+import comfy.model_base
+import comfy.model_management
+import comfy.model_patcher
+import comfy.patcher_extension
+import comfy.supported_models
+import comfy.utils
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3PAGPipeline
+from diffusers.models.attention_processor import PAGCFGJointAttnProcessor2_0, PAGJointAttnProcessor2_0
+
+from .models import initialise_weights
+
+DIT_FAMILIES = ("sd3", "sd35", "flux", "flux2")
+
+CONTEXT_DIM = 48  # text encoder width fed to the model (T5/CLIP features in the real ones)
+POOLED_DIM = 32  # pooled text vector (CLIP-L + CLIP-G for SD3, CLIP-L for Flux)
+
+_SD3 = {
+    "in_channels": 16,
+    "out_channels": 16,
+    "patch_size": 2,
+    # The host's MMDiT has hidden = 64 * depth and depth heads; its diffusers key map
+    # (comfy.utils.mmdit_to_diffusers) assumes as many blocks as depth, as in every real checkpoint.
+    "depth": 4,
+    "input_size": None,
+    "adm_in_channels": POOLED_DIM,
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": CONTEXT_DIM, "out_features": 256}},
+    "num_patches": 16 * 16,
+    "pos_embed_max_size": 16,
+    "pos_embed_scaling_factor": None,
+    "x_block_self_attn_layers": [],
+}
+DIT_CONFIGS = {
+    "sd3": _SD3,
+    "sd35": {**_SD3, "qk_norm": "rms", "x_block_self_attn_layers": [0, 1]},
+    "flux": {
+        "image_model": "flux",
+        "in_channels": 16,
+        "out_channels": 16,
+        "patch_size": 2,
+        "vec_in_dim": POOLED_DIM,
+        "context_in_dim": CONTEXT_DIM,
+        "hidden_size": 64,
+        "mlp_ratio": 4.0,
+        "num_heads": 2,
+        "depth": 3,
+        "depth_single_blocks": 4,
+        "axes_dim": [8, 12, 12],
+        "theta": 10000,
+        "qkv_bias": True,
+        "guidance_embed": True,
+    },
+}
+DIT_CONFIGS["flux2"] = {
+    # Flux.2's layout (comfy.model_detection, 0.3.75): patch size 1 on a 128-channel latent, modulation
+    # shared by all blocks, 4 RoPE axes; the host pads the text to 512 tokens (model_base.Flux2)
+    **DIT_CONFIGS["flux"],
+    "image_model": "flux2",
+    "in_channels": 128,
+    "out_channels": 128,
+    "patch_size": 1,
+    "vec_in_dim": None,
+    "mlp_ratio": 3.0,
+    "axes_dim": [8, 8, 8, 8],
+    "theta": 2000,
+    "qkv_bias": False,
+    "ops_bias": False,
+    "global_modulation": True,
+    "mlp_silu_act": True,
+    "default_ref_method": "index",
+    "ref_index_scale": 10.0,
+}
+_MODEL_CLASSES = {
+    "sd3": (comfy.supported_models.SD3, comfy.model_base.SD3),
+    "sd35": (comfy.supported_models.SD3, comfy.model_base.SD3),
+    "flux": (comfy.supported_models.Flux, comfy.model_base.Flux),
+    "flux2": (comfy.supported_models.Flux2, comfy.model_base.Flux2),
+}
+
+
+def _check_family(family: str) -> None:
+    if family not in DIT_CONFIGS:
+        raise ValueError(f"Unknown DiT family '{family}'. Use one of: {', '.join(DIT_FAMILIES)}.")
+
+
+def build_dit(family: str, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+    """A tiny random model of `family` (one of DIT_FAMILIES) in a ModelPatcher, fp32 on the CPU."""
+    _check_family(family)
+    config_class, model_class = _MODEL_CLASSES[family]
+    model_config = config_class(dict(DIT_CONFIGS[family]))
+    model_config.set_inference_dtype(torch.float32, None)
+    device = torch.device("cpu")
+    model = model_class(model_config, device=device)
+    diffusion_model = model.diffusion_model
+    initialise_weights(diffusion_model, seed)
+    if getattr(diffusion_model, "pos_embed", None) is not None:
+        # a buffer, filled from the checkpoint in real models and left uninitialised by the host
+        generator = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            diffusion_model.pos_embed.copy_(torch.randn(diffusion_model.pos_embed.shape, generator=generator) * 0.5)
+    model.tiny_family = family
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=comfy.model_management.get_torch_device(), offload_device=device
+    )
+
+
+def make_dit_conditioning(family: str, batch: int = 1, seed: int = 0, tokens: int = 7):
+    """(positive, negative) CONDITIONING as the host's text encode nodes produce it for `family`.
+
+    ``[[cross_attn (batch, tokens, CONTEXT_DIM), {"pooled_output": (batch, POOLED_DIM)}]]``; Flux's
+    also carries the FluxGuidance node's ``guidance``.
+    """
+    _check_family(family)
+    generator = torch.Generator().manual_seed(seed)
+
+    def encode():
+        extras = {"pooled_output": torch.randn(batch, POOLED_DIM, generator=generator)}
+        if family.startswith("flux"):
+            extras["guidance"] = 3.5
+        return [[torch.randn(batch, tokens, CONTEXT_DIM, generator=generator), extras]]
+
+    positive = encode()
+    negative = encode()
+    return positive, negative
+
+
+def noisy_dit_latent(patcher, sigma: float, shape=(1, 16, 8, 8), seed: int = 1):
+    """A latent at noise level ``sigma`` in the host's flow coordinates, ``(1 - sigma) x0 + sigma eps``;
+    ``shape[1]`` is replaced by the model's latent channels."""
+    sampling = patcher.get_model_object("model_sampling")
+    shape = (shape[0], patcher.model.model_config.unet_config["in_channels"], *shape[2:])
+    sigma = torch.tensor([float(sigma)])
+    generator = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(shape, generator=generator)
+    noise = torch.randn(shape, generator=generator)
+    return sampling.noise_scaling(sigma, noise, x0), sigma
+
+
+@dataclasses.dataclass(frozen=True)
+class Forward:
+    """One model evaluation (``apply_model``): what the diffusion model was called with."""
+
+    batch_size: int
+    cond_or_uncond: list
+
+
+_counter = itertools.count()
+
+
+@contextlib.contextmanager
+def count_forwards(patcher):
+    """Record every model evaluation through `patcher` while the block is open.
+
+    An APPLY_MODEL wrapper, because the host's MMDiT (0.3.75) does not run DIFFUSION_MODEL wrappers.
+    """
+    forwards: list[Forward] = []
+    key = f"tests.count_forwards.{next(_counter)}"
+
+    def record(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        forwards.append(Forward(x.shape[0], list(transformer_options.get("cond_or_uncond", []))))
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, record)
+    try:
+        yield forwards
+    finally:
+        patcher.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key)
+
+
+# --- diffusers twin of the SD3 model -----------------------------------------------------------------
+
+def sd3_diffusers_config(unet_config: dict) -> dict:
+    """The `SD3Transformer2DModel` config of a host MMDiT unet_config."""
+    heads = unet_config["depth"]
+    return dict(
+        sample_size=unet_config["pos_embed_max_size"],
+        patch_size=unet_config["patch_size"],
+        in_channels=unet_config["in_channels"],
+        num_layers=unet_config.get("num_blocks", unet_config["depth"]),
+        attention_head_dim=64,
+        num_attention_heads=heads,
+        joint_attention_dim=unet_config["context_embedder_config"]["params"]["in_features"],
+        caption_projection_dim=64 * heads,
+        pooled_projection_dim=unet_config["adm_in_channels"],
+        out_channels=unet_config["out_channels"],
+        pos_embed_max_size=unet_config["pos_embed_max_size"],
+        dual_attention_layers=tuple(unet_config.get("x_block_self_attn_layers", [])),
+        qk_norm="rms_norm" if unet_config.get("qk_norm") == "rms" else None,
+    )
+
+
+def _host_weight(host_state: dict, target):
+    """The diffusers value of one entry of `comfy.utils.mmdit_to_diffusers` (diffusers key -> target)."""
+    if isinstance(target, str):
+        return host_state[target]
+    name, offset = target[0], target[1]
+    weight = host_state[name]
+    if offset is not None:
+        weight = weight.narrow(offset[0], offset[1], offset[2])
+    if len(target) > 2:
+        weight = target[2](weight)  # swap_scale_shift, its own inverse
+    return weight
+
+
+class SD3Twin:
+    """diffusers' SD3 transformer with the host model's weights, and its PAG pipeline."""
+
+    def __init__(self, patcher):
+        base_model = patcher.model
+        self.unet_config = dict(base_model.model_config.unet_config)
+        self.model_sampling = base_model.model_sampling
+        self.transformer = SD3Transformer2DModel(**sd3_diffusers_config(self.unet_config)).eval()
+        host_state = base_model.diffusion_model.state_dict()
+        key_map = comfy.utils.mmdit_to_diffusers({"depth": self.unet_config["depth"]})
+        state = {}
+        used = set()
+        for key in self.transformer.state_dict():
+            target = key_map.get(key)
+            if target is None:
+                raise KeyError(f"no host weight for diffusers parameter {key}")
+            state[key] = _host_weight(host_state, target)
+            used.add(target if isinstance(target, str) else target[0])
+        unused = set(host_state) - used
+        if unused:
+            raise KeyError(f"host weights without a diffusers twin: {sorted(unused)[:5]}")
+        self.transformer.load_state_dict(state, strict=True)
+        self.scheduler = FlowMatchEulerDiscreteScheduler(shift=float(self.model_sampling.shift))
+        self._pipeline = None
+
+    @staticmethod
+    def cond(conditioning):
+        """(encoder_hidden_states, pooled_projections) of a one-entry host CONDITIONING."""
+        cross_attn, extras = conditioning[0]
+        return cross_attn.to(torch.float32), extras["pooled_output"].to(torch.float32)
+
+    def timestep(self, sigma) -> torch.Tensor:
+        # the host feeds the MMDiT model_sampling.timestep(sigma) = sigma * 1000, diffusers sigma * 1000
+        return self.model_sampling.timestep(torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)[:1])
+
+    @torch.no_grad()
+    def velocity(self, x, sigma, conditioning) -> torch.Tensor:
+        hidden, pooled = self.cond(conditioning)
+        t = self.timestep(sigma).expand(x.shape[0])
+        return self.transformer(hidden_states=x, timestep=t, encoder_hidden_states=hidden,
+                                pooled_projections=pooled, return_dict=False)[0]
+
+    @staticmethod
+    def to_x0(x, sigma, velocity):
+        """Flow matching: ``x = (1 - s) x0 + s eps``, ``v = eps - x0``, so ``x0 = x - s v``."""
+        return x - float(torch.as_tensor(sigma).reshape(-1)[0]) * velocity
+
+    def pipeline(self) -> StableDiffusion3PAGPipeline:
+        if self._pipeline is None:
+            self._pipeline = StableDiffusion3PAGPipeline(
+                transformer=self.transformer, scheduler=self.scheduler, vae=None, text_encoder=None, tokenizer=None,
+                text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+            self._pipeline.set_progress_bar_config(disable=True)
+        return self._pipeline
+
+
+def sd3_layer_patterns(blocks) -> list[str]:
+    """Anchored diffusers regexes for the joint attention (``attn``) of the given block indices.
+
+    diffusers' own spelling ``blocks.1`` is a regex search, so it would also take blocks 10-19 and the
+    SD3.5 ``attn2`` modules.
+    """
+    return [rf"^transformer_blocks\.{i}\.attn$" for i in blocks]
+
+
+@torch.no_grad()
+def sd3_pag_reference(twin: SD3Twin, x, sigma, positive, negative, cfg: float, pag_scale: float, blocks,
+                      adaptive_scale: float = 0.0) -> torch.Tensor:
+    """One step of `StableDiffusion3PAGPipeline.__call__` at the host's (x, sigma), as denoised x0.
+
+    What the pipeline does around its transformer call, with its own methods: the batch from
+    `_prepare_perturbed_attention_guidance` ([uncond, cond, cond] with CFG, [cond, cond] without),
+    `_set_pag_attn_processor` with its joint PAG processors, one forward,
+    `_apply_perturbed_attention_guidance`, processors restored.
+    """
+    pipe = twin.pipeline()
+    pipe._guidance_scale = cfg
+    pipe._pag_scale = pag_scale
+    pipe._pag_adaptive_scale = adaptive_scale
+    pipe._joint_attention_kwargs = None
+    pipe.set_pag_applied_layers(sd3_layer_patterns(blocks),
+                                pag_attn_processors=(PAGCFGJointAttnProcessor2_0(), PAGJointAttnProcessor2_0()))
+    do_cfg = pipe.do_classifier_free_guidance
+    cond_hidden, cond_pooled = twin.cond(positive)
+    uncond_hidden, uncond_pooled = twin.cond(negative)
+    hidden = pipe._prepare_perturbed_attention_guidance(cond_hidden, uncond_hidden, do_cfg)
+    pooled = pipe._prepare_perturbed_attention_guidance(cond_pooled, uncond_pooled, do_cfg)
+    latent_input = torch.cat([x] * (hidden.shape[0] // x.shape[0]))
+    t = twin.timestep(sigma)
+    original_processors = pipe.transformer.attn_processors
+    pipe._set_pag_attn_processor(pag_applied_layers=pipe.pag_applied_layers, do_classifier_free_guidance=do_cfg)
+    try:
+        output = pipe.transformer(hidden_states=latent_input, timestep=t.expand(latent_input.shape[0]),
+                                  encoder_hidden_states=hidden, pooled_projections=pooled, return_dict=False)[0]
+    finally:
+        pipe.transformer.set_attn_processor(original_processors)
+    guided = pipe._apply_perturbed_attention_guidance(output, do_cfg, cfg, t[0])
+    return twin.to_x0(x, sigma, guided)
+
+
+def sd3_cfg_reference(twin: SD3Twin, x, sigma, positive, negative, cfg: float) -> torch.Tensor:
+    """diffusers-style CFG on the velocity (cond only for cfg <= 1), as denoised x0."""
+    velocity = twin.velocity(x, sigma, positive)
+    if cfg > 1.0:
+        uncond = twin.velocity(x, sigma, negative)
+        velocity = uncond + cfg * (velocity - uncond)
+    return twin.to_x0(x, sigma, velocity)
+
