@@ -27,6 +27,12 @@ def is_main_cond_call(conds, model_options) -> bool:
     return len(conds) >= 2 and conds[0] is not None
 
 
+def clear_after_sampling(model, state: dict) -> None:
+    """Empty ``state`` when the host's sampler finishes, also when a step raised or was interrupted:
+    the host runs ON_CLEANUP callbacks in CFGGuider.outer_sample's ``finally`` (0.3.75)."""
+    model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, WRAPPER_KEY, lambda patcher: state.clear())
+
+
 def add_batched_positive_copy(model, instance: str, is_active: Callable[[object, object], bool]):
     """Install the wrapper on ``model`` (a clone) and return ``perturbed_x0(args)`` for post-CFG use.
 
@@ -59,4 +65,5 @@ def add_batched_positive_copy(model, instance: str, is_active: Callable[[object,
         return x0
 
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, calc_cond_batch_wrapper)
+    clear_after_sampling(model, pending)
     return perturbed_x0

@@ -33,7 +33,7 @@ from ..guidance_core.rows import chunk_rows
 from ..guidance_core.schedule import in_sigma_window, validate_percent_window
 from ..sag_core import blur_under_mask, key_attention_mass, sag_guided, sag_mask, token_grid, validate_sag_inputs
 from .attention_sites import GUIDANCE_OPTIONS, guidance_options, install_site_handler, with_guidance_options
-from .batched_pass import WRAPPER_KEY, is_main_cond_call
+from .batched_pass import WRAPPER_KEY, clear_after_sampling, is_main_cond_call
 from .dit_attention import install_dit_handler
 from .dit_handlers import key_mass_recorder
 from .dit_layout import attention_layout
@@ -260,6 +260,7 @@ class SelfAttentionGuidance(io.ComfyNode):
             return executor(base_model, conds, x_in, timestep, options)
 
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, calc_cond_batch_wrapper)
+        clear_after_sampling(m, records)
         if isinstance(layout, DiTLayout):
             install_dit_handler(m, layout, [site], key_mass_recorder(instance, RECORD, records, KeyMassRecord))
         else:

@@ -356,3 +356,24 @@ def test_many_sag_steps_retain_no_tensors_and_free_the_records_each_step():
     assert set(during) == {1} and set(after) == {0}
     assert short == warm and long == warm
     assert len(records) == 0
+
+
+@pytest.mark.parametrize("node", ["pag", "sag"])
+def test_a_step_that_fails_after_the_forward_leaves_no_tensors_in_the_patch(node):
+    model = build_model("sd15", seed=0)
+    positive, negative = make_conditioning("sd15", batch=1, seed=40)
+    x, sigma = noisy_latent(model, 700)
+
+    def other_pack_fails(args):
+        raise RuntimeError("another pack's post-CFG function failed")
+
+    host = model.clone()
+    host.set_model_sampler_post_cfg_function(other_pack_fails)
+    patched = NODES[node](host)
+    if node == "sag":
+        state = sag_records(patched)
+    else:
+        state = closure_vars(patched.wrappers["calc_cond_batch"]["attention_guidance"][-1])["pending"]
+    with pytest.raises(RuntimeError):
+        denoise_once(patched, positive, negative, x, sigma, 4.0)
+    assert len(state) == 0
