@@ -85,6 +85,25 @@ class AttentionSite:
         return f"{_INDEX_LETTER[self.module.block]}{self.module_index}.{self.transformer_index}"
 
 
+def select_sites(spec: str, sites: list, match, empty_message: str, missing_message) -> list:
+    """Comma-separated entries of ``spec`` -> the union of ``match(entry)``, in the order of ``sites``.
+
+    An empty spec raises ``empty_message``; an entry that matches nothing raises
+    ``missing_message(entry)``. Both name what the model has.
+    """
+    entries = [e.strip() for e in (spec or "").split(",")]
+    entries = [e for e in entries if e]
+    if not entries:
+        raise LayerSpecError(empty_message)
+    chosen = set()
+    for entry in entries:
+        matched = match(entry)
+        if not matched:
+            raise LayerSpecError(missing_message(entry))
+        chosen.update(matched)
+    return [s for s in sites if s in chosen]
+
+
 class AttentionLayout:
     """All self-attention sites of one model, in forward order (down, mid, up)."""
 
@@ -119,23 +138,15 @@ class AttentionLayout:
 
         Raises LayerSpecError naming the entry that selects nothing, with this model's layers.
         """
-        entries = [e.strip() for e in (spec or "").split(",")]
-        entries = [e for e in entries if e]
-        if not entries:
-            raise LayerSpecError(
-                "The layer spec is empty. Name at least one self-attention layer, e.g. 'mid' "
-                f"(the middle block). This model has:\n{self.describe()}"
-            )
-        chosen: set[AttentionSite] = set()
-        for entry in entries:
-            matched = self._match(entry)
-            if not matched:
-                raise LayerSpecError(
-                    f"Layer '{entry}' does not exist in this model. Use one of these layers "
-                    f"(index or diffusers spelling; comma-separate several):\n{self.describe()}"
-                )
-            chosen.update(matched)
-        return [s for s in self.sites if s in chosen]
+        return select_sites(
+            spec,
+            self.sites,
+            self._match,
+            "The layer spec is empty. Name at least one self-attention layer, e.g. 'mid' "
+            f"(the middle block). This model has:\n{self.describe()}",
+            lambda entry: f"Layer '{entry}' does not exist in this model. Use one of these layers "
+            f"(index or diffusers spelling; comma-separate several):\n{self.describe()}",
+        )
 
     def _match(self, entry: str) -> list[AttentionSite]:
         text = entry.lower()
@@ -266,24 +277,16 @@ class DiTLayout:
 
         Raises LayerSpecError naming the entry that selects nothing, with this model's blocks.
         """
-        entries = [e.strip() for e in (spec or "").split(",")]
-        entries = [e for e in entries if e]
-        if not entries:
-            raise LayerSpecError(
-                f"The layer spec is empty. Name at least one transformer block, e.g. '{self._examples()[0]}'. "
-                f"This {self.family} model has:\n{self.describe()}"
-            )
-        chosen: set[DiTBlock] = set()
-        for entry in entries:
-            matched = self._match(entry)
-            if not matched:
-                raise LayerSpecError(
-                    f"Layer '{entry}' does not exist in this {self.family} model, which has transformer blocks, "
-                    f"not UNet layers. Use one of these blocks (short, diffusers or host spelling; ranges such as "
-                    f"'{self._examples()[1]}'; comma-separate several):\n{self.describe()}"
-                )
-            chosen.update(matched)
-        return [s for s in self.sites if s in chosen]
+        return select_sites(
+            spec,
+            self.sites,
+            self._match,
+            f"The layer spec is empty. Name at least one transformer block, e.g. '{self._examples()[0]}'. "
+            f"This {self.family} model has:\n{self.describe()}",
+            lambda entry: f"Layer '{entry}' does not exist in this {self.family} model, which has transformer "
+            f"blocks, not UNet layers. Use one of these blocks (short, diffusers or host spelling; ranges such as "
+            f"'{self._examples()[1]}'; comma-separate several):\n{self.describe()}",
+        )
 
     def _match(self, entry: str) -> list[DiTBlock]:
         text = entry.lower()
