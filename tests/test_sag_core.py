@@ -190,7 +190,8 @@ def test_key_mass_chunking_does_not_change_results():
     whole_out, whole_mass = attention_with_key_mass(q, k, v, 4, query_chunk=50)
     for chunk in (1, 7, 49, 1000, None):
         out, mass = attention_with_key_mass(q, k, v, 4, query_chunk=chunk)
-        torch.testing.assert_close(out, whole_out, rtol=1e-5, atol=1e-6)
+        # fp32 reassociation only: the matmul kernels block a 1-row and a 50-row problem differently
+        torch.testing.assert_close(out, whole_out, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(mass, whole_mass, rtol=0, atol=1e-5)
         torch.testing.assert_close(key_attention_mass(q, k, 4, query_chunk=chunk), whole_mass, rtol=0, atol=1e-5)
 
