@@ -106,8 +106,14 @@ def test_the_template_browser_lists_the_pack_with_previews_and_opens_an_example(
     pack_entries = dialog.get_by_text("attention_guidance", exact=True)
     assert pack_entries.count() >= 1, "the template browser has no entry for the pack"
     pack_entries.first.click()
+    # The browser renders a card's preview only once the card is scrolled into view (two rows fit).
     comfy.page.wait_for_function(
-        "(n) => [...document.querySelectorAll('.p-dialog img')].filter(i => i.complete && i.naturalWidth > 0).length >= n",
+        "(n) => { const loaded = i => i && i.complete && i.naturalWidth > 0;"
+        " const cards = [...document.querySelectorAll('.p-dialog [data-testid^=\"template-workflow-\"]')];"
+        " const waiting = cards.filter(c => c.querySelector('[data-testid^=\"template-workflow-\"]') === null"
+        "                                  && !loaded(c.querySelector('img')));"
+        " if (waiting.length) waiting[0].scrollIntoView({block: 'center'});"
+        " return [...document.querySelectorAll('.p-dialog img')].filter(loaded).length >= n; }",
         arg=len(NAMES), timeout=60_000)
     shown = comfy.page.evaluate("() => [...document.querySelectorAll('.p-dialog img')]"
                                 ".filter(i => i.complete && i.naturalWidth > 0).map(i => i.alt)")

@@ -28,9 +28,11 @@ from support.server import ComfyServerError
 from support.workflow_convert import (FRONTEND_ONLY_TYPES, WorkflowError, check_values, meaning_changes,
                                       ui_to_api, widget_layout)
 
-EXPECTED_EXAMPLES = EXECUTED_EXAMPLES | {"sdxl_pag_cfg"}
+EXPECTED_EXAMPLES = EXECUTED_EXAMPLES | {"sdxl_pag_cfg", "sd3_pag_cfg", "flux_dev_pag"}
 NAMES = example_names()
-MODEL_LOADER_INPUTS = {"CheckpointLoaderSimple": "ckpt_name", "ControlNetLoader": "control_net_name"}
+MODEL_LOADER_INPUTS = {"CheckpointLoaderSimple": ("ckpt_name",), "ControlNetLoader": ("control_net_name",),
+                       "UNETLoader": ("unet_name",), "DualCLIPLoader": ("clip_name1", "clip_name2"),
+                       "VAELoader": ("vae_name",)}
 SEMVER = re.compile(r"^\d+\.\d+\.\d+$")
 COMPAT_CASES = [
     pytest.param(folder, path.stem, id=f"{folder.name}/{path.stem}")
@@ -99,8 +101,9 @@ def test_example_is_a_frontend_export_with_a_titled_note(name, object_info):
             assert properties["cnr_id"] == CORE_CNR_ID and SEMVER.match(properties["ver"]), (node["type"], properties)
         if node["type"] in MODEL_LOADER_INPUTS:
             layout = [w.name for w in widget_layout(object_info[node["type"]])]
-            model = node["widgets_values"][layout.index(MODEL_LOADER_INPUTS[node["type"]])]
-            assert model in EXAMPLE_MODEL_FILES, f"{name}: {model} has no stand-in in support/example_models.py"
+            for widget in MODEL_LOADER_INPUTS[node["type"]]:
+                model = node["widgets_values"][layout.index(widget)]
+                assert model in EXAMPLE_MODEL_FILES, f"{name}: {model} has no stand-in in support/example_models.py"
     assert any(node["type"].startswith(OUR_NODE_PREFIX) for node in workflow["nodes"])
 
 

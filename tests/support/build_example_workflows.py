@@ -40,7 +40,7 @@ from support.server import PACK_NAME as PACK_FOLDER, REPO  # noqa: E402
 DOCS = REPO / "docs"
 # The examples whose screenshots the README shows, and the template browser with the pack selected.
 DOCS_SCREENSHOTS = ("sd15_pag_unconditional_cfg1", "sd15_sag_pag_chained", "sd15_controlnet_canny_empty_prompt_pag",
-                    "sd15_sag_mask_preview")
+                    "sd15_sag_mask_preview", "flux_dev_pag")
 TEMPLATE_BROWSER_SCREENSHOT = DOCS / "template_browser.png"
 PREVIEW_PIXELS = 512
 PREVIEW_MIN_SCALE = 0.7
@@ -51,6 +51,11 @@ SD15 = "v1-5-pruned-emaonly.safetensors"
 SD15_INPAINTING = "sd-v1-5-inpainting.ckpt"
 SDXL = "sd_xl_base_1.0.safetensors"
 CANNY_CONTROLNET = "control_v11p_sd15_canny.safetensors"
+SD3 = "sd3_medium_incl_clips.safetensors"
+FLUX_DEV = "flux1-dev.safetensors"
+FLUX_CLIP_L = "clip_l.safetensors"
+FLUX_T5 = "t5xxl_fp16.safetensors"
+FLUX_VAE = "ae.safetensors"
 NEGATIVE = "blurry, low quality, deformed, watermark, text"
 
 
@@ -85,10 +90,10 @@ def text_encoders(positive: str, negative: str, y=300, clip=("ckpt", 1)) -> list
     ]
 
 
-def sampler(model, positive, negative, latent, *, seed=42, steps=25, cfg=7.5, pos=(900, 20)) -> Node:
+def sampler(model, positive, negative, latent, *, seed=42, steps=25, cfg=7.5, scheduler="normal", pos=(900, 20)) -> Node:
     return Node("sampler", "KSampler", pos,
                 {"seed": seed, "control_after_generate": "fixed", "steps": steps, "cfg": cfg,
-                 "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0},
+                 "sampler_name": "euler", "scheduler": scheduler, "denoise": 1.0},
                 {"model": model, "positive": positive, "negative": negative, "latent_image": latent})
 
 
@@ -103,8 +108,8 @@ def checkpoint(name: str, pos=(20, 390)) -> Node:
     return Node("ckpt", "CheckpointLoaderSimple", pos, {"ckpt_name": name}, size=(380, 100))
 
 
-def empty_latent(width: int, height: int, pos=(460, 740)) -> Node:
-    return Node("latent", "EmptyLatentImage", pos, {"width": width, "height": height, "batch_size": 1})
+def empty_latent(width: int, height: int, pos=(460, 740), node_type="EmptyLatentImage") -> Node:
+    return Node("latent", node_type, pos, {"width": width, "height": height, "batch_size": 1})
 
 
 def sag(pos=(460, 20), model=("ckpt", 0), **widgets) -> Node:
@@ -181,6 +186,62 @@ def workflows() -> list[Workflow]:
                 empty_latent(1024, 1024),
                 sampler(("pag", 0), ("positive", 0), ("negative", 0), ("latent", 0), cfg=4.0),
                 *decode_and_save("sdxl_pag"),
+            ],
+        ),
+        Workflow(
+            "sd3_pag_cfg", "SD3 + PAG with CFG",
+            "Perturbed-Attention Guidance on Stable Diffusion 3 (MMDiT), added to classifier-free "
+            "guidance.\n\n"
+            "In the chosen joint block the perturbed copy's image tokens attend only to themselves and "
+            "to the prompt (diffusers' SD3 PAG processors; the paper's identity map on the image part). "
+            "It is batched with the positive and negative predictions: one more evaluation of the "
+            "positive prompt per step.\n\n"
+            "Settings from diffusers' StableDiffusion3PAGPipeline example: layer joint.13 (diffusers' "
+            "'blocks.13'), PAG scale 0.7, CFG 5, 28 steps.\n\n"
+            f"{COMPARE}\n\nModel: {SD3} (SD3 Medium with its CLIP text encoders) in models/checkpoints. "
+            "SD3.5 Large / Medium work the same; load their text encoders with TripleCLIPLoader.",
+            [
+                note(),
+                checkpoint(SD3),
+                pag(scale=0.7, layers="joint.13", adaptive_scale=0.0, start_percent=0.0, end_percent=1.0, rescale=0.0),
+                *text_encoders("a cat holding a sign that says hello world", NEGATIVE),
+                empty_latent(1024, 1024, node_type="EmptySD3LatentImage"),
+                sampler(("pag", 0), ("positive", 0), ("negative", 0), ("latent", 0), steps=28, cfg=5.0,
+                        scheduler="sgm_uniform"),
+                *decode_and_save("sd3_pag"),
+            ],
+        ),
+        Workflow(
+            "flux_dev_pag", "Flux.1 dev + PAG (CFG 1)",
+            "Perturbed-Attention Guidance on Flux.1 dev. Flux dev is guidance-distilled: it runs at CFG 1 "
+            "with its own guidance value (Flux Guidance), so ComfyUI evaluates only the positive prompt, "
+            "and PAG adds one evaluation of a perturbed copy of it per step.\n\n"
+            "In each chosen double block the perturbed copy's image tokens attend only to themselves and "
+            "to the prompt.\n\n"
+            "Settings: there are no published PAG settings for Flux (diffusers has no Flux PAG). The "
+            "blocks are those ComfyUI's Skip Layer Guidance node uses by default (double blocks 7-9), "
+            "PAG scale 2; treat them as a starting point and lower the scale if colours burn. Flux "
+            "Guidance 3.5, 20 steps, CFG 1.\n\n"
+            f"{COMPARE}\n\nModels: {FLUX_DEV} in models/diffusion_models, {FLUX_CLIP_L} and {FLUX_T5} "
+            f"in models/text_encoders, {FLUX_VAE} in models/vae.",
+            [
+                note(size=(400, 400)),
+                Node("unet", "UNETLoader", (20, 480), {"unet_name": FLUX_DEV, "weight_dtype": "default"}, size=(380, 90)),
+                Node("clip", "DualCLIPLoader", (20, 610),
+                     {"clip_name1": FLUX_CLIP_L, "clip_name2": FLUX_T5, "type": "flux"}, size=(380, 130)),
+                Node("vae", "VAELoader", (20, 780), {"vae_name": FLUX_VAE}, size=(380, 60)),
+                pag(model=("unet", 0), scale=2.0, layers="double.7-9", adaptive_scale=0.0, start_percent=0.0,
+                    end_percent=1.0, rescale=0.0),
+                Node("positive", "CLIPTextEncode", (460, 300),
+                     {"text": "a red fox in a snowy birch forest at sunrise, detailed fur, soft light"},
+                     {"clip": ("clip", 0)}, title="Positive prompt", size=(400, 170)),
+                Node("guidance", "FluxGuidance", (460, 520), {"guidance": 3.5}, {"conditioning": ("positive", 0)}),
+                Node("negative", "CLIPTextEncode", (460, 640), {"text": ""}, {"clip": ("clip", 0)},
+                     title="Negative (unused at CFG 1)", size=(400, 130)),
+                empty_latent(1024, 1024, pos=(460, 820), node_type="EmptySD3LatentImage"),
+                sampler(("pag", 0), ("guidance", 0), ("negative", 0), ("latent", 0), steps=20, cfg=1.0,
+                        scheduler="simple"),
+                *decode_and_save("flux_dev_pag", vae=("vae", 0)),
             ],
         ),
         Workflow(

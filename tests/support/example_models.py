@@ -10,9 +10,13 @@ is a link to a tiny random model of the same architecture family:
   masked image), which the host detects as an inpainting model;
 - the SD1.5 canny ControlNet: a ControlNet with the tiny UNet's layout, built from the host's own
   ``comfy.cldm.cldm.ControlNet`` and saved in the original ``control_model.*`` layout;
-- checkpoints of architectures without a tiny stand-in (SDXL): a link to the tiny SD1.5 checkpoint.
-  The server validates names, not contents, so such a workflow passes ``/prompt`` validation, but what
-  then runs is an SD1.5-layout model: it is validated, not executed as that architecture.
+- files of architectures without a tiny stand-in (SDXL, SD3, Flux and its text encoders and VAE): a
+  link to the tiny SD1.5 checkpoint. The server validates names, not contents, so such a workflow
+  passes ``/prompt`` validation, but what then runs is an SD1.5-layout file: it is validated, not
+  executed as that architecture. (The host derives Flux's width and SD3's block count from fixed
+  values or from the width, so a Flux or a 14-block SD3 model is hundreds of megabytes at least, and
+  their text encoders have fixed sizes too; tests/test_dit.py runs tiny models of both families
+  built from the host's classes instead.)
 
 All random weights: every image is noise. Generated files are written once under
 ``.cache/models/tiny/`` and appear atomically.
@@ -33,11 +37,16 @@ SEED = 20240318
 
 # Model file names used by the example workflows -> (model folder, stand-in kind).
 # "sd15", "sd15_inpainting" and "sd15_controlnet" are the real architecture family of that name;
-# "sd15_standin_for_sdxl" is not (see the module docstring).
+# "name_only" is a link to the tiny SD1.5 checkpoint, whatever the real file is (see the module docstring).
 EXAMPLE_MODEL_FILES = {
     "v1-5-pruned-emaonly.safetensors": ("checkpoints", "sd15"),
     "sd-v1-5-inpainting.ckpt": ("checkpoints", "sd15_inpainting"),
-    "sd_xl_base_1.0.safetensors": ("checkpoints", "sd15_standin_for_sdxl"),
+    "sd_xl_base_1.0.safetensors": ("checkpoints", "name_only"),
+    "sd3_medium_incl_clips.safetensors": ("checkpoints", "name_only"),
+    "flux1-dev.safetensors": ("diffusion_models", "name_only"),
+    "clip_l.safetensors": ("text_encoders", "name_only"),
+    "t5xxl_fp16.safetensors": ("text_encoders", "name_only"),
+    "ae.safetensors": ("vae", "name_only"),
     "control_v11p_sd15_canny.safetensors": ("controlnet", "sd15_controlnet"),
 }
 REAL_ARCHITECTURE_KINDS = {"sd15", "sd15_inpainting", "sd15_controlnet"}
@@ -104,7 +113,7 @@ def write_tiny_sd15_controlnet(path: Path = TINY_CONTROLNET) -> Path:
 
 
 def stand_in_file(kind: str) -> Path:
-    if kind in ("sd15", "sd15_standin_for_sdxl"):
+    if kind in ("sd15", "name_only"):
         return tiny_checkpoint()
     if kind == "sd15_inpainting":
         return write_tiny_sd15_inpainting_checkpoint()

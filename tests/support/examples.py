@@ -23,8 +23,8 @@ OUR_NODE_PREFIX = "AG_"
 CORE_CNR_ID = "comfy-core"
 
 # Examples whose every model has a stand-in of the same architecture family (see example_models.py):
-# these execute end to end. The others are validated by the server and then run on an SD1.5-layout
-# stand-in, which shows nothing about their own architecture.
+# these execute end to end. The others (SDXL, SD3, Flux) are validated by the server; what then runs is
+# an SD1.5-layout file under their model names, which shows nothing about their own architecture.
 EXECUTED_EXAMPLES = {
     "sd15_sag", "sd15_pag_unconditional_cfg1", "sd15_sag_pag_chained",
     "sd15_controlnet_canny_empty_prompt_pag", "sd15_inpainting_pag", "sd15_sag_mask_preview",
@@ -39,6 +39,7 @@ TEST_SIZE = 64
 TEST_STEPS = 2
 TEST_SIZE_INPUTS = {
     "EmptyLatentImage": {"width": TEST_SIZE, "height": TEST_SIZE, "batch_size": 1},
+    "EmptySD3LatentImage": {"width": TEST_SIZE, "height": TEST_SIZE, "batch_size": 1},
     "KSampler": {"steps": TEST_STEPS},
     "AG_SAGMaskPreview": {"steps": TEST_STEPS},
 }
