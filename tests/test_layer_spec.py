@@ -8,21 +8,8 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
 from attention_guidance.guidance_core.layer_spec import AttentionLayout, LayerSpecError
+from support.real_architectures import SD15_UNET, SDXL_UNET
 
-SD15_UNET = dict(
-    use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
-    adm_in_channels=None, in_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
-    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], channel_mult=[1, 2, 4, 4], transformer_depth_middle=1,
-    use_linear_in_transformer=False, context_dim=768, num_heads=8,
-    transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-)
-SDXL_UNET = dict(
-    use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
-    num_classes="sequential", adm_in_channels=2816, in_channels=4, model_channels=320, num_res_blocks=[2, 2, 2],
-    transformer_depth=[0, 0, 2, 2, 10, 10], channel_mult=[1, 2, 4], transformer_depth_middle=10,
-    use_linear_in_transformer=True, context_dim=2048, num_head_channels=64,
-    transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
-)
 SD15_DIFFUSERS = dict(cross_attention_dim=768)  # UNet2DConditionModel defaults are SD1.x
 SDXL_DIFFUSERS = dict(
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),

@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from support.example_models import EXAMPLE_MODEL_FILES
+from support.real_architectures import meta_model
 from support.examples import (CORE_CNR_ID, EXECUTED_EXAMPLES, OUR_NODE_PREFIX, at_test_size, compat_sets,
                               example_names, example_server_running, load_example, pack_metadata)
 from support.server import ComfyServerError
@@ -33,6 +34,14 @@ NAMES = example_names()
 MODEL_LOADER_INPUTS = {"CheckpointLoaderSimple": ("ckpt_name",), "ControlNetLoader": ("control_net_name",),
                        "UNETLoader": ("unet_name",), "DualCLIPLoader": ("clip_name1", "clip_name2"),
                        "VAELoader": ("vae_name",)}
+# The architecture of each model file the examples load their MODEL from (support/real_architectures.py);
+# the inpainting UNet differs from SD1.5's only in its input channels.
+MODEL_ARCHITECTURES = {
+    "v1-5-pruned-emaonly.safetensors": "sd15", "sd-v1-5-inpainting.ckpt": "sd15",
+    "sd_xl_base_1.0.safetensors": "sdxl", "sd3_medium_incl_clips.safetensors": "sd3_medium",
+    "flux1-dev.safetensors": "flux_dev",
+}
+MODEL_OUTPUT_LOADERS = {"CheckpointLoaderSimple": "ckpt_name", "UNETLoader": "unet_name"}
 SEMVER = re.compile(r"^\d+\.\d+\.\d+$")
 COMPAT_CASES = [
     pytest.param(folder, path.stem, id=f"{folder.name}/{path.stem}")
@@ -128,6 +137,48 @@ def test_example_converts_is_accepted_by_the_server_and_runs(name, server, objec
     assert saved, f"{name} saved no image: {images}"
     for image in images:
         assert png_size(server.fetch_image(image)) == (64, 64), image
+
+
+def model_file_of(prompt: dict, node_id: str) -> str:
+    """The model file a node's MODEL input comes from, through any chain of MODEL patches."""
+    entry = prompt[node_id]
+    while entry["class_type"] not in MODEL_OUTPUT_LOADERS:
+        source, _ = entry["inputs"]["model"]
+        entry = prompt[source]
+    return entry["inputs"][MODEL_OUTPUT_LOADERS[entry["class_type"]]]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_example_layers_exist_in_the_full_size_model_it_loads(name, object_info):
+    """The stand-ins are tiny, so an example's layer spec is checked here against the real architecture
+    of the file it names (built on the meta device), with the nodes' own layout code."""
+    from attention_guidance.nodes.dit_layout import attention_layout
+    from attention_guidance.nodes.sag import select_sag_site
+
+    prompt = ui_to_api(load_example(name), object_info)
+    checked = 0
+    for node_id, entry in prompt.items():
+        spec_input = {"AG_PerturbedAttentionGuidance": "layers", "AG_SelfAttentionGuidance": "layer"}.get(entry["class_type"])
+        if spec_input is None:
+            continue
+        layout = attention_layout(meta_model(MODEL_ARCHITECTURES[model_file_of(prompt, node_id)]), entry["class_type"])
+        if spec_input == "layer":
+            select_sag_site(layout, entry["inputs"]["layer"])
+        else:
+            assert layout.select(entry["inputs"]["layers"])
+        checked += 1
+    assert checked
+
+
+def test_a_layer_the_model_does_not_have_is_found_by_that_check(object_info):
+    from attention_guidance.guidance_core.layer_spec import LayerSpecError
+    from attention_guidance.nodes.dit_layout import attention_layout
+
+    prompt = ui_to_api(load_example("sd3_pag_cfg"), object_info)
+    (pag_id,) = [i for i, e in prompt.items() if e["class_type"] == "AG_PerturbedAttentionGuidance"]
+    layout = attention_layout(meta_model(MODEL_ARCHITECTURES[model_file_of(prompt, pag_id)]), "PAG")
+    with pytest.raises(LayerSpecError, match="joint.24"):
+        layout.select("joint.24")  # SD3 Medium has joint blocks 0-23
 
 
 def test_a_widget_value_for_an_input_our_node_does_not_have_fails(object_info):

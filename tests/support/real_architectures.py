@@ -1,0 +1,57 @@
+"""The full-size architectures of the model files the example workflows name, built on the meta device
+(real block counts and widths, no weights, no memory), as the host's model detection configures them
+from those files (``comfy.model_detection``, 0.3.75).
+
+    patcher = meta_model("sd3_medium")   # a ModelPatcher the nodes' layout code can read
+"""
+from __future__ import annotations
+
+import torch
+
+SD15_UNET = dict(
+    use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+    adm_in_channels=None, in_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
+    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], channel_mult=[1, 2, 4, 4], transformer_depth_middle=1,
+    use_linear_in_transformer=False, context_dim=768, num_heads=8,
+    transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+)
+SDXL_UNET = dict(
+    use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+    num_classes="sequential", adm_in_channels=2816, in_channels=4, model_channels=320, num_res_blocks=[2, 2, 2],
+    transformer_depth=[0, 0, 2, 2, 10, 10], channel_mult=[1, 2, 4], transformer_depth_middle=10,
+    use_linear_in_transformer=True, context_dim=2048, num_head_channels=64,
+    transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+)
+# SD3 Medium: 24 joint blocks of width 64 * 24, CLIP-L + CLIP-G pooled (2048), T5-width context (4096).
+SD3_MEDIUM_MMDIT = dict(
+    in_channels=16, out_channels=16, patch_size=2, depth=24, input_size=None, adm_in_channels=2048,
+    context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 1536}},
+    num_patches=192 * 192, pos_embed_max_size=192, pos_embed_scaling_factor=None, x_block_self_attn_layers=[],
+)
+# Flux.1 dev: 19 double and 38 single blocks, width 3072, guidance embedding.
+FLUX_DEV = dict(
+    image_model="flux", in_channels=16, out_channels=16, patch_size=2, vec_in_dim=768, context_in_dim=4096,
+    hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56],
+    theta=10000, qkv_bias=True, guidance_embed=True,
+)
+
+ARCHITECTURES = ("sd15", "sdxl", "sd3_medium", "flux_dev")
+
+
+def meta_model(architecture: str):
+    """A ModelPatcher around the full-size host model of ``architecture`` (one of ARCHITECTURES), on the
+    meta device."""
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    builders = {
+        "sd15": lambda: comfy.model_base.BaseModel(comfy.supported_models.SD15(dict(SD15_UNET)), device="meta"),
+        "sdxl": lambda: comfy.model_base.SDXL(comfy.supported_models.SDXL(dict(SDXL_UNET)), device="meta"),
+        "sd3_medium": lambda: comfy.model_base.SD3(comfy.supported_models.SD3(dict(SD3_MEDIUM_MMDIT)), device="meta"),
+        "flux_dev": lambda: comfy.model_base.Flux(comfy.supported_models.Flux(dict(FLUX_DEV)), device="meta"),
+    }
+    if architecture not in builders:
+        raise ValueError(f"unknown architecture {architecture!r}; one of {', '.join(ARCHITECTURES)}")
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(builders[architecture](), load_device=cpu, offload_device=cpu)
