@@ -1,6 +1,8 @@
 """What PAG and SAG do inside a chosen DiT block (see dit_attention for how they get there)."""
 from __future__ import annotations
 
+import torch
+
 from ..guidance_core.rows import chunk_rows
 from ..pag_core import joint_identity_attention
 from ..sag_core import key_attention_mass
@@ -56,7 +58,8 @@ def key_mass_recorder(instance: str, record_option: str, records: dict, make_rec
         image = slice(call.text_tokens, call.text_tokens + grid[0] * grid[1])
         rows = chunk_rows(chunks, positions, call.q.shape[0], call.q.device)
         q, k = call.q_heads()[rows][:, :, image], call.k_heads()[rows][:, :, image]
-        mass = key_attention_mass(_flat(q), _flat(k), q.shape[1])
+        with torch.profiler.record_function("attention_guidance.sag_key_mass"):
+            mass = key_attention_mass(_flat(q), _flat(k), q.shape[1])
         size = call.q.shape[0] // len(chunks)
         uuids = call.options.get("uuids") or [None] * len(chunks)
         for n, position in enumerate(positions):

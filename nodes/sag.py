@@ -113,7 +113,8 @@ def record_handler(instance: str, transformer_index: int, records: dict):
                 return out
             grid = token_grid(extra_options.get("activations_shape"), tokens=k.shape[1])
             rows = chunk_rows(chunks, positions, q.shape[0], q.device)
-            mass = key_attention_mass(q[rows], k[rows], extra_options["n_heads"])
+            with torch.profiler.record_function("attention_guidance.sag_key_mass"):
+                mass = key_attention_mass(q[rows], k[rows], extra_options["n_heads"])
             size = q.shape[0] // len(chunks)
             uuids = extra_options.get("uuids") or [None] * len(chunks)
             for n, position in enumerate(positions):
@@ -289,7 +290,8 @@ class SelfAttentionGuidance(io.ComfyNode):
                 use_uncond = args["uncond"] is not None
                 ref_conds = args["uncond"] if use_uncond else args["cond"]
                 x0_ref = args["uncond_denoised"] if use_uncond else args["cond_denoised"]
-                mask = reference_mask(args, ref_conds)
+                with torch.profiler.record_function("attention_guidance.sag_mask"):
+                    mask = reference_mask(args, ref_conds)
                 if preview is not None:
                     preview(mask)
                     return args["denoised"]
@@ -303,10 +305,12 @@ class SelfAttentionGuidance(io.ComfyNode):
                             "evaluates the model in pieces (context windows), which SAG does not support.", layer)
                     return args["denoised"]
                 x = args["input"]
-                degraded = blur_under_mask(x0_ref, mask, kernel_size, blur_sigma)
-                x_degraded = renoise(args["model"].model_sampling, args["sigma"], x, x0_ref, degraded)
+                with torch.profiler.record_function("attention_guidance.sag_blur"):
+                    degraded = blur_under_mask(x0_ref, mask, kernel_size, blur_sigma)
+                    x_degraded = renoise(args["model"].model_sampling, args["sigma"], x, x0_ref, degraded)
                 options = with_guidance_options(args["model_options"], extra_pass=True)
-                (degraded_denoised,) = comfy.samplers.calc_cond_batch(args["model"], [ref_conds], x_degraded, args["sigma"], options)
+                with torch.profiler.record_function("attention_guidance.sag_degraded_pass"):
+                    (degraded_denoised,) = comfy.samplers.calc_cond_batch(args["model"], [ref_conds], x_degraded, args["sigma"], options)
                 return sag_guided(args["denoised"], degraded, degraded_denoised, scale)
             finally:
                 records.clear()
