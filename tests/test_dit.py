@@ -26,7 +26,7 @@ from attention_guidance.sag_core import blur_under_mask
 from support.dit_models import (
     SD3Twin, build_dit, count_forwards, make_dit_conditioning, noisy_dit_latent, sd3_cfg_reference, sd3_pag_reference,
 )
-from support.models import denoise_once, sample
+from support.models import denoise_once, sample, short_of_memory
 
 FAMILIES = ["sd3", "sd35", "flux", "flux2"]
 # a block whose joint attention both nodes use, per family (sd35: one with the image-only attn2 too)
@@ -374,18 +374,6 @@ def test_batch_rows_are_guided_independently(family, node):
         assert rel_err(single, both[i:i + 1]) < 1e-4
 
 
-class _TinyFreeMemory:
-    """comfy.samplers' view of comfy.model_management with almost no free memory, so that
-    `_calc_cond_batch` runs every cond entry in a forward of its own."""
-
-    def __getattr__(self, name):
-        return getattr(comfy.model_management, name)
-
-    @staticmethod
-    def get_free_memory(dev=None, torch_free_too=False):
-        return (1, 1) if torch_free_too else 1
-
-
 @pytest.mark.parametrize("cfg", [4.0, 1.0])
 @pytest.mark.parametrize("node", NODES)
 @pytest.mark.parametrize("family", ["sd3", "flux"])
@@ -400,7 +388,7 @@ def test_chunked_forwards_give_the_same_result(family, node, cfg, monkeypatch):
         whole = denoise_once(patched, positive, negative, x, sigma, cfg)
     assert len(forwards) == (1 if node == "pag" else 2)
     mask = sag_mask_at(patched, positive, negative, x, sigma, cfg) if node == "sag" else None
-    monkeypatch.setattr(comfy.samplers, "model_management", _TinyFreeMemory())
+    short_of_memory(monkeypatch)
     with count_forwards(patched) as forwards:
         split = denoise_once(patched, positive, negative, x, sigma, cfg)
     assert all(len(f.cond_or_uncond) == 1 for f in forwards) and len(forwards) > 2

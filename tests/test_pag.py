@@ -9,7 +9,7 @@ from comfy_extras.nodes_pag import PerturbedAttentionGuidance as HostPAG
 from attention_guidance.nodes.pag import PerturbedAttentionGuidance
 from attention_guidance.nodes.unet_layout import UnsupportedModelError
 from support.diffusers_twin import make_twin, pag_reference
-from support.models import build_model, count_model_calls, denoise_once, make_conditioning, sample
+from support.models import build_model, count_model_calls, denoise_once, make_conditioning, sample, short_of_memory
 
 FAMILIES = ["sd15", "sd2v", "sdxl"]
 
@@ -90,6 +90,20 @@ def test_one_forward_of_three_chunks_with_cfg_and_two_without(model, family):
         denoise_once(patched, positive, negative, x, sigma, 1.0)
     # CFG 1: no uncond pass at all, the perturbed copy rides with the positive
     assert [sorted(c.cond_or_uncond) for c in calls] == [[0, 2]]
+
+
+@pytest.mark.parametrize("cfg", [4.0, 1.0])
+def test_where_the_batch_does_not_fit_the_perturbed_copy_runs_alone_with_the_same_result(model, family, cfg, monkeypatch):
+    positive, negative = make_conditioning(family, batch=2, seed=3)
+    x, sigma = noisy_latent(model, 500, shape=(2, 4, 8, 8))
+    patched = pag(model)
+    whole = denoise_once(patched, positive, negative, x, sigma, cfg)
+    short_of_memory(monkeypatch)
+    with count_model_calls(patched) as calls:
+        split = denoise_once(patched, positive, negative, x, sigma, cfg)
+    # the host's own split: one forward per cond entry, the perturbed copy (id 2) among them
+    assert sorted(c.cond_or_uncond for c in calls) == ([[0], [1], [2]] if cfg > 1.0 else [[0], [2]])
+    assert rel_err(split, whole) < 1e-5
 
 
 def test_scale_zero_and_outside_the_window_do_no_extra_work(model, family):

@@ -34,7 +34,8 @@ from attention_guidance.nodes.sag_preview import SAGMaskPreview
 from attention_guidance.nodes.unet_layout import unet_attention_layout
 from attention_guidance.sag_core import blur_under_mask, renoise_flow, renoise_ve
 from support.diffusers_twin import ddim_scheduler, make_twin
-from support.models import build_model, count_model_calls, denoise_once, initialise_weights, make_conditioning, sample
+from support.models import (build_model, count_model_calls, denoise_once, initialise_weights, make_conditioning, sample,
+                            short_of_memory)
 
 FAMILIES = ["sd15", "sd2v", "sdxl"]
 
@@ -310,21 +311,9 @@ def check_mask_against_the_layers_projections(model, family, latent_hw, layers, 
 
 # --- batch, chunking, several conds, areas, ControlNet ----------------------------------------------
 
-class _TinyFreeMemory:
-    """comfy.samplers' view of comfy.model_management with almost no free memory, so that
-    `_calc_cond_batch` runs every cond entry in a forward of its own."""
-
-    def __getattr__(self, name):
-        return getattr(comfy.model_management, name)
-
-    @staticmethod
-    def get_free_memory(dev=None, torch_free_too=False):
-        return (1, 1) if torch_free_too else 1
-
-
 @pytest.fixture
 def split_batches(monkeypatch):
-    monkeypatch.setattr(comfy.samplers, "model_management", _TinyFreeMemory())
+    short_of_memory(monkeypatch)
 
 
 @pytest.mark.parametrize("cfg", [5.0, 1.0])
@@ -340,7 +329,7 @@ def test_chunked_forwards_give_the_same_result(model, family, cfg, monkeypatch):
     # the degraded pass evaluates one cond list (the reference branch's), so its chunks are labelled 0
     assert [sorted(c.cond_or_uncond) for c in calls] == ([[0, 0, 1, 1], [0, 0]] if cfg > 1.0 else [[0, 0], [0, 0]])
 
-    monkeypatch.setattr(comfy.samplers, "model_management", _TinyFreeMemory())
+    short_of_memory(monkeypatch)
     with count_model_calls(patched) as calls:
         split = denoise_once(patched, positive, negative, x, sigma, cfg)
     assert all(len(c.cond_or_uncond) == 1 for c in calls)
@@ -397,7 +386,7 @@ def test_area_conds_with_cfg_run_chunked_or_not(monkeypatch):
     patched = sag(model)
     plain = denoise_once(model, full + right, negative, x, sigma, 5.0)
     whole = denoise_once(patched, full + right, negative, x, sigma, 5.0)
-    monkeypatch.setattr(comfy.samplers, "model_management", _TinyFreeMemory())
+    short_of_memory(monkeypatch)
     split = denoise_once(patched, full + right, negative, x, sigma, 5.0)
     assert torch.isfinite(whole).all()
     assert rel_err(split, whole) < 1e-5
@@ -430,7 +419,7 @@ def test_controlnet_conditions_the_degraded_pass_too(monkeypatch):
         ours = denoise_once(patched, positive, negative, x, sigma, 5.0)
         # main forward (cond + uncond rows) and the degraded pass (uncond rows) both run the ControlNet
         assert control_calls == [4, 2]
-        monkeypatch.setattr(comfy.samplers, "model_management", _TinyFreeMemory())
+        short_of_memory(monkeypatch)
         split = denoise_once(patched, positive, negative, x, sigma, 5.0)
     finally:
         handle.remove()

@@ -248,6 +248,24 @@ def sample(patcher, positive, negative, latent: torch.Tensor, sampler_name: str 
                                denoise=denoise, disable_pbar=True, seed=seed)
 
 
+class _TinyFreeMemory:
+    """comfy.samplers' view of comfy.model_management with almost no free memory."""
+
+    def __getattr__(self, name):
+        return getattr(comfy.model_management, name)
+
+    @staticmethod
+    def get_free_memory(dev=None, torch_free_too=False):
+        return (1, 1) if torch_free_too else 1
+
+
+def short_of_memory(monkeypatch) -> None:
+    """Let the host's sampler see almost no free memory (undone with `monkeypatch`), so that
+    `comfy.samplers._calc_cond_batch` runs every cond entry in a forward of its own, as on a device
+    where the batch does not fit."""
+    monkeypatch.setattr(comfy.samplers, "model_management", _TinyFreeMemory())
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelCall:
     """One forward of the diffusion model (the UNet itself)."""
