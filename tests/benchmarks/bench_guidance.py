@@ -143,37 +143,37 @@ def cuda_memory_peak(run) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def memory_peak(model, positive, negative, latent) -> int:
+def memory_peak(model, positive, negative, latent, cfg) -> int:
     """Peak extra memory of one sampling step (every step of a configuration runs the same passes)."""
     def run():
-        sample(model, positive, negative, latent, sampler_name="euler", steps=1, cfg=5.0, seed=1)
+        sample(model, positive, negative, latent, sampler_name="euler", steps=1, cfg=cfg, seed=1)
 
     device = comfy.model_management.get_torch_device()
     return cuda_memory_peak(run) if device.type == "cuda" else tensor_memory_peak(run)
 
 
-def timed_run(model, positive, negative, latent, steps):
+def timed_run(model, positive, negative, latent, steps, cfg):
     """Wall time of one sampling run, and the forward calls and rows it made per step."""
     device = comfy.model_management.get_torch_device()
     with count_model_calls(model) as calls:
         start = time.perf_counter()
-        sample(model, positive, negative, latent, sampler_name="euler", steps=steps, cfg=5.0, seed=1)
+        sample(model, positive, negative, latent, sampler_name="euler", steps=steps, cfg=cfg, seed=1)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
     return seconds, len(calls) / steps, sum(c.batch_size for c in calls) / steps
 
 
-def measure_all(configs, positive, negative, latent, steps, repeats):
+def measure_all(configs, positive, negative, latent, steps, repeats, cfg):
     """Peak memory of each configuration (which also warms it up), then `repeats` timed rounds over all
     configurations, every other round in reverse order. Each configuration keeps its time per round, so
     that ratios can be taken within a round (see ``paired_ratio``)."""
-    results = {name: {"times": [], "memory": memory_peak(patched, positive, negative, latent)}
+    results = {name: {"times": [], "memory": memory_peak(patched, positive, negative, latent, cfg)}
                for name, (patched, _) in configs.items()}
     order = list(configs)
     for round_index in range(repeats):
         for name in (order if round_index % 2 == 0 else order[::-1]):
-            seconds, forwards, rows = timed_run(configs[name][0], positive, negative, latent, steps)
+            seconds, forwards, rows = timed_run(configs[name][0], positive, negative, latent, steps, cfg)
             results[name]["times"].append(seconds)
             results[name].update(forwards=forwards, rows=rows)
     return results
@@ -193,13 +193,15 @@ def main():
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--cfg", type=float, default=5.0,
+                        help="CFG scale (1: the positive alone, where the host's SAG still adds a negative pass)")
     parser.add_argument("--fp16", action="store_true", help="fp16 weights (GPU runs)")
     options = parser.parse_args()
 
     dtype = torch.float16 if options.fp16 else torch.float32
     device = comfy.model_management.get_torch_device()
     print(f"# {options.arch.upper()}-shaped UNet, random weights, {dtype}, latent {options.latent}x{options.latent}, "
-          f"{options.steps} euler steps, CFG 5, {options.repeats} rounds; device {device}, torch {torch.__version__}, "
+          f"{options.steps} euler steps, CFG {options.cfg:g}, {options.repeats} rounds; device {device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; host attention {comfy.ldm.modules.attention.optimized_attention.__name__}")
     started = time.perf_counter()
     model = build(options.arch, dtype)
@@ -212,7 +214,7 @@ def main():
         print("| configuration | time (s) | vs CFG only | vs host equivalent | forwards/step | rows/step | peak memory per step (MiB) |")
         print("|---|---|---|---|---|---|---|")
         configs = configurations(model)
-        measured = measure_all(configs, positive, negative, latent, options.steps, options.repeats)
+        measured = measure_all(configs, positive, negative, latent, options.steps, options.repeats, options.cfg)
         for name, (_, host_name) in configs.items():
             result = measured[name]
             versus = f"{paired_ratio(result['times'], measured[host_name]['times']):.2f}x" if host_name else "-"
