@@ -8,7 +8,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
 from attention_guidance.guidance_core.layer_spec import AttentionLayout, LayerSpecError
-from support.real_architectures import SD15_UNET, SDXL_UNET
+from support.real_architectures import meta_model
 
 SD15_DIFFUSERS = dict(cross_attention_dim=768)  # UNet2DConditionModel defaults are SD1.x
 SDXL_DIFFUSERS = dict(
@@ -20,21 +20,12 @@ SDXL_DIFFUSERS = dict(
 )
 
 
-def _layout(unet_config) -> AttentionLayout:
-    """The layout the node sees: the node's own discovery code on a real host model, built on the
-    meta device (full-size architecture, no weights)."""
-    import comfy.model_base
-    import comfy.model_patcher
-    import comfy.supported_models
-
+def _layout(architecture: str) -> AttentionLayout:
+    """The layout the node sees: the node's own discovery code on the full-size host model, built on
+    the meta device (no weights)."""
     from attention_guidance.nodes.unet_layout import unet_attention_layout
 
-    if unet_config["adm_in_channels"]:
-        model = comfy.model_base.SDXL(comfy.supported_models.SDXL(dict(unet_config)), device="meta")
-    else:
-        model = comfy.model_base.BaseModel(comfy.supported_models.SD15(dict(unet_config)), device="meta")
-    cpu = torch.device("cpu")
-    return unet_attention_layout(comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu), "test")
+    return unet_attention_layout(meta_model(architecture), "test")
 
 
 def _diffusers_self_attention_names(config) -> list[str]:
@@ -45,12 +36,12 @@ def _diffusers_self_attention_names(config) -> list[str]:
 
 @pytest.fixture(scope="module")
 def sd15():
-    return _layout(SD15_UNET)
+    return _layout("sd15")
 
 
 @pytest.fixture(scope="module")
 def sdxl():
-    return _layout(SDXL_UNET)
+    return _layout("sdxl")
 
 
 @pytest.mark.parametrize("which", ["sd15", "sdxl"])

@@ -4,9 +4,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from attention_guidance.guidance_core.layer_spec import LayerSpecError
-from test_layer_spec import SD15_UNET, SDXL_UNET, _layout
+from test_layer_spec import _layout
 
-LAYOUTS = {"sd15": _layout(SD15_UNET), "sdxl": _layout(SDXL_UNET)}
+LAYOUTS = {"sd15": _layout("sd15"), "sdxl": _layout("sdxl")}
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 spec_alphabet = st.sampled_from(list("dmu0123456789.-, _") + ["mid", "down", "up", "blocks", "attentions", "attn1"])
