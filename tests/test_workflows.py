@@ -148,37 +148,40 @@ def model_file_of(prompt: dict, node_id: str) -> str:
     return entry["inputs"][MODEL_OUTPUT_LOADERS[entry["class_type"]]]
 
 
+def full_size_layout(prompt: dict, node_id: str):
+    """The nodes' own layout of the full-size model (meta device) that reaches ``node_id``."""
+    from attention_guidance.nodes.dit_layout import attention_layout
+
+    architecture = MODEL_ARCHITECTURES[model_file_of(prompt, node_id)]
+    return attention_layout(meta_model(architecture), prompt[node_id]["class_type"])
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_example_layers_exist_in_the_full_size_model_it_loads(name, object_info):
     """The stand-ins are tiny, so an example's layer spec is checked here against the real architecture
     of the file it names (built on the meta device), with the nodes' own layout code."""
-    from attention_guidance.nodes.dit_layout import attention_layout
     from attention_guidance.nodes.sag import select_sag_site
 
     prompt = ui_to_api(load_example(name), object_info)
     checked = 0
     for node_id, entry in prompt.items():
-        spec_input = {"AG_PerturbedAttentionGuidance": "layers", "AG_SelfAttentionGuidance": "layer"}.get(entry["class_type"])
-        if spec_input is None:
-            continue
-        layout = attention_layout(meta_model(MODEL_ARCHITECTURES[model_file_of(prompt, node_id)]), entry["class_type"])
-        if spec_input == "layer":
-            select_sag_site(layout, entry["inputs"]["layer"])
+        if entry["class_type"] == "AG_PerturbedAttentionGuidance":
+            assert full_size_layout(prompt, node_id).select(entry["inputs"]["layers"])
+        elif entry["class_type"] == "AG_SelfAttentionGuidance":
+            select_sag_site(full_size_layout(prompt, node_id), entry["inputs"]["layer"])
         else:
-            assert layout.select(entry["inputs"]["layers"])
+            continue
         checked += 1
     assert checked
 
 
 def test_a_layer_the_model_does_not_have_is_found_by_that_check(object_info):
     from attention_guidance.guidance_core.layer_spec import LayerSpecError
-    from attention_guidance.nodes.dit_layout import attention_layout
 
     prompt = ui_to_api(load_example("sd3_pag_cfg"), object_info)
     (pag_id,) = [i for i, e in prompt.items() if e["class_type"] == "AG_PerturbedAttentionGuidance"]
-    layout = attention_layout(meta_model(MODEL_ARCHITECTURES[model_file_of(prompt, pag_id)]), "PAG")
     with pytest.raises(LayerSpecError, match="joint.24"):
-        layout.select("joint.24")  # SD3 Medium has joint blocks 0-23
+        full_size_layout(prompt, pag_id).select("joint.24")  # SD3 Medium has joint blocks 0-23
 
 
 def test_a_widget_value_for_an_input_our_node_does_not_have_fails(object_info):
