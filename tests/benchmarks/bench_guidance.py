@@ -4,9 +4,11 @@ Samples the same seed with CFG only, the host's PAG / SAG / SAG+PAG nodes and ou
 over half the schedule, on a full-width SD1.5-shaped UNet (real channel counts, random weights).
 Prints per configuration: best wall time of N rounds over all configurations, ratio to CFG only
 and to the host's equivalent node (each the median over rounds of the ratio within a round),
-diffusion-model forward calls and rows per step, peak extra memory of a sampling step (live tensors
-on CPU from the profiler's allocation records; the allocator's peak on CUDA), then the targets of
-issue 5 and a one-line summary. The defaults (SD1.5-shaped, 32x32 latent, batch 1 and 2, 2 steps,
+diffusion-model forward calls and rows per step, the ratio to its floor (the same forwards of the bare
+diffusion model, timed in the same round: what is left above 1.0x is the sampler's and the guidance's
+own work), peak extra memory of a sampling step (live tensors on CPU from the profiler's allocation
+records; the allocator's peak on CUDA), the bare forward times by rows, then the targets of issue 5
+and a one-line summary. The defaults (SD1.5-shaped, 32x32 latent, batch 1 and 2, 2 steps,
 2 rounds) take about 10 minutes on 2 CPU cores; more rounds (--repeats) give steadier ratios.
 
     python3 scripts/host.py setup
@@ -153,7 +155,7 @@ def memory_peak(model, positive, negative, latent, cfg) -> int:
 
 
 def timed_run(model, positive, negative, latent, steps, cfg):
-    """Wall time of one sampling run, and the forward calls and rows it made per step."""
+    """Wall time of one sampling run, and the rows of each diffusion-model forward it made."""
     device = comfy.model_management.get_torch_device()
     with count_model_calls(model) as calls:
         start = time.perf_counter()
@@ -161,22 +163,49 @@ def timed_run(model, positive, negative, latent, steps, cfg):
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-    return seconds, len(calls) / steps, sum(c.batch_size for c in calls) / steps
+    return seconds, [c.batch_size for c in calls]
 
 
-def measure_all(configs, positive, negative, latent, steps, repeats, cfg):
+def bare_forward_seconds(model, arch: str, rows: int, latent_side: int) -> float:
+    """Wall time of one forward of the unpatched diffusion model on ``rows`` rows: no sampler, no
+    guidance. A configuration's floor is the sum of these over the forwards it runs."""
+    device = comfy.model_management.get_torch_device()
+    dtype = model.model.get_dtype()
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 4, latent_side, latent_side, generator=g).to(device, dtype)
+    timesteps = torch.full((rows,), 500.0, device=device)
+    context = torch.randn(rows, 77, 2048 if arch == "sdxl" else 768, generator=g).to(device, dtype)
+    y = torch.randn(rows, 2816, generator=g).to(device, dtype) if arch == "sdxl" else None
+    with torch.no_grad():
+        start = time.perf_counter()
+        model.model.diffusion_model(x, timesteps, context=context, y=y)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+
+def measure_all(configs, positive, negative, latent, steps, repeats, cfg, arch):
     """Peak memory of each configuration (which also warms it up), then `repeats` timed rounds over all
-    configurations, every other round in reverse order. Each configuration keeps its time per round, so
-    that ratios can be taken within a round (see ``paired_ratio``)."""
-    results = {name: {"times": [], "memory": memory_peak(patched, positive, negative, latent, cfg)}
+    configurations, every other round in reverse order, each round closed by bare forwards of every row
+    count the configurations used, which give each configuration's floor in that round. Each
+    configuration keeps its time and floor per round, so that ratios can be taken within a round (see
+    ``paired_ratio``)."""
+    results = {name: {"times": [], "floors": [], "memory": memory_peak(patched, positive, negative, latent, cfg)}
                for name, (patched, _) in configs.items()}
     order = list(configs)
+    bare_model = configs["CFG only"][0]
+    bare_rounds = []
     for round_index in range(repeats):
         for name in (order if round_index % 2 == 0 else order[::-1]):
-            seconds, forwards, rows = timed_run(configs[name][0], positive, negative, latent, steps, cfg)
+            seconds, rows = timed_run(configs[name][0], positive, negative, latent, steps, cfg)
             results[name]["times"].append(seconds)
-            results[name].update(forwards=forwards, rows=rows)
-    return results
+            results[name].update(forwards=len(rows) / steps, rows=sum(rows) / steps, calls=rows)
+        row_counts = sorted({n for result in results.values() for n in result["calls"]})
+        bare = {n: bare_forward_seconds(bare_model, arch, n, latent.shape[-1]) for n in row_counts}
+        bare_rounds.append(bare)
+        for result in results.values():
+            result["floors"].append(sum(bare[n] for n in result["calls"]))
+    return results, bare_rounds
 
 
 def paired_ratio(times: list[float], reference: list[float]) -> float:
@@ -211,15 +240,23 @@ def main():
         positive, negative = conditioning(options.arch, batch)
         latent = torch.zeros(batch, 4, options.latent, options.latent)
         print(f"\n## batch {batch}\n")
-        print("| configuration | time (s) | vs CFG only | vs host equivalent | forwards/step | rows/step | peak memory per step (MiB) |")
-        print("|---|---|---|---|---|---|---|")
+        print("| configuration | time (s) | vs CFG only | vs host equivalent | forwards/step | rows/step | vs floor | peak memory per step (MiB) |")
+        print("|---|---|---|---|---|---|---|---|")
         configs = configurations(model)
-        measured = measure_all(configs, positive, negative, latent, options.steps, options.repeats, options.cfg)
+        measured, bare_rounds = measure_all(configs, positive, negative, latent, options.steps, options.repeats,
+                                            options.cfg, options.arch)
         for name, (_, host_name) in configs.items():
             result = measured[name]
             versus = f"{paired_ratio(result['times'], measured[host_name]['times']):.2f}x" if host_name else "-"
             print(f"| {name} | {min(result['times']):.3f} | {paired_ratio(result['times'], measured['CFG only']['times']):.2f}x | "
-                  f"{versus} | {result['forwards']:g} | {result['rows']:g} | {result['memory'] / 2**20:.0f} |", flush=True)
+                  f"{versus} | {result['forwards']:g} | {result['rows']:g} | {paired_ratio(result['times'], result['floors']):.2f}x | "
+                  f"{result['memory'] / 2**20:.0f} |", flush=True)
+        bare = {n: statistics.median(r[n] for r in bare_rounds) for n in bare_rounds[0]}
+        print("\nbare forwards of the diffusion model (median over rounds): "
+              + ", ".join(f"{n} rows {seconds:.3f} s" for n, seconds in bare.items()))
+        if batch in bare and 2 * batch in bare:
+            print(f"a {batch}-row forward costs {bare[batch] / bare[2 * batch]:.2f} of a {2 * batch}-row one: "
+                  f"the floor of a guidance that adds a {batch}-row forward to CFG is {1 + bare[batch] / bare[2 * batch]:.2f}x")
         results[batch] = measured
     print("\n## targets (issue 5)\n")
     verdicts = []
