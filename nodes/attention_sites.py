@@ -43,6 +43,26 @@ def guidance_options(extra_options: dict) -> dict:
     return extra_options.get(GUIDANCE_OPTIONS, {})
 
 
+def require_own_queries(q, k, extra_options: dict, label: str) -> None:
+    """Stop with a message naming the conflict where another patch re-laid this layer's queries.
+
+    HyperTile (tiles, at random per call) and ToMe (merges tokens) rewrite the queries of the
+    highest-resolution attn1 layers in an attn1_patch and leave keys and values as they were; the
+    host's attention pairs them up by reshaping (comfy_extras/nodes_hypertile.py, nodes_tomesd.py,
+    0.3.75). Identity attention and SAG's map need one query per token of the layer's own grid.
+    """
+    if tuple(q.shape[:2]) == tuple(k.shape[:2]):
+        return
+    block = extra_options.get("block") or ("?", "?")
+    raise RuntimeError(
+        f"{label}: at {block[0]} block {block[1]}, transformer {extra_options.get('block_index', 0)}, another model "
+        f"patch has changed this layer's queries ({q.shape[0]} rows of {q.shape[1]} tokens against keys of "
+        f"{k.shape[0]} rows of {k.shape[1]} tokens), as HyperTile and ToMe do at the highest-resolution layers. "
+        "Choose a lower-resolution layer (e.g. 'mid'), or lower HyperTile's max_depth or remove ToMe so that "
+        "they leave this layer alone."
+    )
+
+
 def install_site_handler(model, sites, make_handler: Callable[[AttentionFn], AttentionFn]) -> None:
     """Replace attn1 at the given sites by ``make_handler(previous)``; the handler must call
     ``previous`` (with narrowed extra_options) for every row it does not handle itself.

@@ -32,7 +32,9 @@ from ..guidance_core.layer_spec import DiTLayout, LayerSpecError
 from ..guidance_core.rows import chunk_rows
 from ..guidance_core.schedule import in_sigma_window, validate_percent_window
 from ..sag_core import blur_under_mask, key_attention_mass, sag_guided, sag_mask, token_grid, validate_sag_inputs
-from .attention_sites import GUIDANCE_OPTIONS, guidance_options, install_site_handler, with_guidance_options
+from .attention_sites import (
+    GUIDANCE_OPTIONS, guidance_options, install_site_handler, require_own_queries, with_guidance_options,
+)
 from .batched_pass import WRAPPER_KEY, clear_after_sampling, is_main_cond_call
 from .dit_attention import install_dit_handler
 from .dit_handlers import key_mass_recorder
@@ -91,10 +93,10 @@ class KeyMassRecord:
         self.grid = grid
 
 
-def record_handler(instance: str, transformer_index: int, records: dict):
+def record_handler(instance: str, transformer_index: int, records: dict, label: str):
     """``make_handler`` for ``install_site_handler``: the previous attention for every row, plus, in
     transformer block ``transformer_index``, the key mass of the rows of the chunks tagged for this
-    instance.
+    instance. ``label`` names the node's input in errors.
 
     It is installed on every transformer block of the site's SpatialTransformer (so under the host's
     2-tuple key, which a run-time patch such as the host's PAG pass can replace instead of being
@@ -111,6 +113,7 @@ def record_handler(instance: str, transformer_index: int, records: dict):
             positions = [i for i, c in enumerate(chunks) if c == ref_id]
             if not positions:
                 return out
+            require_own_queries(q, k, extra_options, label)
             grid = token_grid(extra_options.get("activations_shape"), tokens=k.shape[1])
             rows = chunk_rows(chunks, positions, q.shape[0], q.device)
             with torch.profiler.record_function("attention_guidance.sag_key_mass"):
@@ -266,7 +269,8 @@ class SelfAttentionGuidance(io.ComfyNode):
             install_dit_handler(m, layout, [site], key_mass_recorder(instance, RECORD, records, KeyMassRecord))
         else:
             module_sites = [s for s in layout.sites if s.module == site.module]
-            install_site_handler(m, module_sites, record_handler(instance, site.transformer_index, records))
+            install_site_handler(m, module_sites, record_handler(instance, site.transformer_index, records,
+                                                                 f"SAG layer '{layer}'"))
 
         def reference_mask(args, ref_conds):
             x, sigma = args["input"], args["sigma"]

@@ -1,7 +1,7 @@
 """Reliability in a long host session next to other packs (issue 7), in the real host in-process:
 determinism, no state shared between patched clones, the input model left as it was, chaining with
-another pack's attention override and post-CFG function, fp16/bf16 models, and no memory growth over
-many SAG steps."""
+another pack's attention override and post-CFG function and with the host's own UNet patch nodes
+(Deep Shrink, FreeU, HyperTile, ToMe), fp16/bf16 models, and no memory growth over many SAG steps."""
 import copy
 import gc
 
@@ -12,6 +12,13 @@ import pytest
 import torch
 
 import attention_guidance.nodes.sag as sag_node
+from comfy_extras.nodes_freelunch import FreeU_V2
+from comfy_extras.nodes_hypertile import HyperTile
+from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
+from comfy_extras.nodes_pag import PerturbedAttentionGuidance as HostPAG
+from comfy_extras.nodes_sag import SelfAttentionGuidance as HostSAG
+from comfy_extras.nodes_tomesd import TomePatchModel
+
 from attention_guidance.nodes.pag import PerturbedAttentionGuidance
 from attention_guidance.nodes.sag import SelfAttentionGuidance, with_sag_mask_probe
 from support.models import (
@@ -255,6 +262,67 @@ def test_pag_keeps_another_packs_attention_override(family):
     assert middle and all(chunks == [0, 1] for chunks in middle)
     assert rel_err(out, foreign_only) > 1e-3
     assert rel_err(out, denoise_once(pag(model), positive, negative, x, sigma, 4.0)) > 1e-3
+
+
+# The host's own UNet patch nodes, each set to act on this 16x16 latent: Deep Shrink halves the
+# activations after input block 1 (sd15) / 3 (sdxl) on every step, FreeU_V2 rescales the decoder's
+# features and skips, HyperTile (swap_size 1: no random choice) tiles and ToMe merges the queries of the
+# highest-resolution self-attention (sd15's d0 and u3; SDXL has no attention there).
+HOST_UNET_PATCHES = {
+    "deep_shrink": lambda m, family: PatchModelAddDownscale.execute(
+        m, 1 if family == "sd15" else 3, 2.0, 0.0, 1.0, True, "bicubic", "bicubic").result[0],
+    "freeu_v2": lambda m, family: FreeU_V2().patch(m, 1.3, 1.4, 0.9, 0.2)[0],
+    "hypertile": lambda m, family: HyperTile.execute(m, 32, 1, 0, False)[0],
+    "tome": lambda m, family: TomePatchModel.execute(m, 0.5).result[0],
+}
+# The host's nodes perturb / record the middle block with the same formulas as ours on these settings
+# (tests/test_pag.py, tests/test_sag.py), in passes of their own.
+HOST_EQUIVALENT = {
+    "pag": (lambda m: pag(m, scale=2.0), lambda m: HostPAG.execute(m, 2.0).result[0]),
+    "sag": (lambda m: sag(m, scale=0.5, blur_sigma=2.0), lambda m: HostSAG.execute(m, 0.5, 2.0).result[0]),
+}
+
+
+@pytest.mark.parametrize("family, patch", [("sd15", name) for name in HOST_UNET_PATCHES]
+                         + [("sdxl", "deep_shrink"), ("sdxl", "freeu_v2")])
+@pytest.mark.parametrize("node", ["pag", "sag"])
+def test_the_hosts_unet_patches_chain_either_way_with_the_hosts_result(family, patch, node):
+    model = build_model(family, seed=0)
+    positive, negative = make_conditioning(family, batch=1, seed=37)
+    x, sigma = noisy_latent(model, 600, shape=(1, 4, 16, 16))
+    ours, host = HOST_EQUIVALENT[node]
+    patched = HOST_UNET_PATCHES[patch](model, family)
+    torch.manual_seed(0)
+    patch_then_ours = denoise_once(ours(patched), positive, negative, x, sigma, 5.0)
+    torch.manual_seed(0)
+    ours_then_patch = denoise_once(HOST_UNET_PATCHES[patch](ours(model), family), positive, negative, x, sigma, 5.0)
+    assert rel_err(ours_then_patch, patch_then_ours) < 1e-5
+    if patch != "tome":
+        # ToMe draws its merge partners from the global RNG in every forward (nodes_tomesd.py), and the
+        # host's nodes run other forwards than ours, so only the same forwards give the same draws
+        expected = denoise_once(host(patched), positive, negative, x, sigma, 5.0)
+        assert rel_err(patch_then_ours, expected) < 1e-4
+    # both act: the patch changes the guided result, the guidance the patched one
+    assert rel_err(patch_then_ours, denoise_once(ours(model), positive, negative, x, sigma, 5.0)) > 1e-3
+    assert rel_err(patch_then_ours, denoise_once(patched, positive, negative, x, sigma, 5.0)) > 1e-3
+
+
+@pytest.mark.parametrize("patch", ["hypertile", "tome"])
+@pytest.mark.parametrize("node, layer_input", [("pag", "PAG layers 'd0'"), ("sag", "SAG layer 'd0.0'")])
+def test_a_layer_whose_queries_another_patch_rewrote_is_refused_by_name(patch, node, layer_input):
+    # identity attention and SAG's map need one query per token of the layer's grid; HyperTile and ToMe
+    # leave fewer (tiles, merged tokens), which crashed or skewed the mask before
+    model = build_model("sd15", seed=0)
+    positive, negative = make_conditioning("sd15", batch=1, seed=38)
+    x, sigma = noisy_latent(model, 600, shape=(1, 4, 16, 16))
+    guided = pag(model, layers="d0") if node == "pag" else sag(model, layer="d0.0")
+    for chained in (HOST_UNET_PATCHES[patch](guided, "sd15"), NODES[node](HOST_UNET_PATCHES[patch](model, "sd15"),
+                                                                       **({"layers": "d0"} if node == "pag" else {"layer": "d0.0"}))):
+        with pytest.raises(RuntimeError) as error:
+            denoise_once(chained, positive, negative, x, sigma, 5.0)
+        message = str(error.value)
+        assert message.startswith(layer_input + ": at input block 1, transformer 0")
+        assert "changed this layer's queries" in message and "HyperTile" in message and "'mid'" in message
 
 
 # --- precision ------------------------------------------------------------------------------------------
