@@ -10,6 +10,7 @@ gets a separate pass from the post-CFG function instead, so the result is the sa
 """
 from __future__ import annotations
 
+import uuid
 from typing import Callable
 
 import comfy.patcher_extension
@@ -25,6 +26,19 @@ def is_main_cond_call(conds, model_options) -> bool:
     if model_options.get("transformer_options", {}).get(GUIDANCE_OPTIONS, {}).get("extra_pass"):
         return False
     return len(conds) >= 2 and conds[0] is not None
+
+
+def as_own_entries(entries: list, tag: str) -> list:
+    """A guidance pass's copy of one cond list, each entry under a uuid of its own.
+
+    The host gives every conditioning entry a uuid (sampler_helpers.convert_cond) and hands each
+    forward the uuids of its chunks (transformer_options["uuids"], 0.3.75); caches such as the
+    host's EasyCache keep one cached output per uuid. A guidance pass evaluates the entry with other
+    attention or at another input, so under the entry's own uuid it would overwrite that entry's
+    cache, or be served it. Derived from the entry's uuid and ``tag``, so it is the same every step.
+    """
+    return [dict(entry, uuid=uuid.uuid5(entry["uuid"], tag)) if isinstance(entry.get("uuid"), uuid.UUID) else entry
+            for entry in entries]
 
 
 def clear_after_sampling(model, state: dict) -> None:
@@ -48,7 +62,7 @@ def add_batched_positive_copy(model, instance: str, is_active: Callable[[object,
             return executor(base_model, conds, x_in, timestep, model_options)
         cond_id = len(conds)
         options = with_guidance_options(model_options, perturbed={instance: cond_id})
-        out = executor(base_model, list(conds) + [conds[0]], x_in, timestep, options)
+        out = executor(base_model, list(conds) + [as_own_entries(conds[0], instance)], x_in, timestep, options)
         pending.update(x=x_in, cond=conds[0], x0=out[cond_id])
         return out[:cond_id]
 
@@ -61,7 +75,8 @@ def add_batched_positive_copy(model, instance: str, is_active: Callable[[object,
         if x0 is not None:
             return x0
         options = with_guidance_options(args["model_options"], perturbed={instance: 0}, extra_pass=True)
-        (x0,) = comfy.samplers.calc_cond_batch(args["model"], [args["cond"]], args["input"], args["sigma"], options)
+        (x0,) = comfy.samplers.calc_cond_batch(args["model"], [as_own_entries(args["cond"], instance)], args["input"],
+                                               args["sigma"], options)
         return x0
 
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, calc_cond_batch_wrapper)

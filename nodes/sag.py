@@ -35,7 +35,7 @@ from ..sag_core import blur_under_mask, key_attention_mass, sag_guided, sag_mask
 from .attention_sites import (
     GUIDANCE_OPTIONS, guidance_options, install_site_handler, require_own_queries, with_guidance_options,
 )
-from .batched_pass import WRAPPER_KEY, clear_after_sampling, is_main_cond_call
+from .batched_pass import WRAPPER_KEY, as_own_entries, clear_after_sampling, is_main_cond_call
 from .dit_attention import install_dit_handler
 from .dit_handlers import key_mass_recorder
 from .dit_layout import attention_layout
@@ -305,8 +305,9 @@ class SelfAttentionGuidance(io.ComfyNode):
                         logging.warning(
                             "Self-Attention Guidance: no attention of the reference conditioning (the negative "
                             "under CFG, the positive at CFG 1) was recorded at layer '%s', so SAG skips this step. "
-                            "Either none of its entries is active at this step (timestep range), or the sampler "
-                            "evaluates the model in pieces (context windows), which SAG does not support.", layer)
+                            "Either none of its entries is active at this step (timestep range), a cache such as "
+                            "EasyCache served this step without running the model, or the sampler evaluates the "
+                            "model in pieces (context windows), which SAG does not support.", layer)
                     return args["denoised"]
                 x = args["input"]
                 with torch.profiler.record_function("attention_guidance.sag_blur"):
@@ -314,7 +315,8 @@ class SelfAttentionGuidance(io.ComfyNode):
                     x_degraded = renoise(args["model"].model_sampling, args["sigma"], x, x0_ref, degraded)
                 options = with_guidance_options(args["model_options"], extra_pass=True)
                 with torch.profiler.record_function("attention_guidance.sag_degraded_pass"):
-                    (degraded_denoised,) = comfy.samplers.calc_cond_batch(args["model"], [ref_conds], x_degraded, args["sigma"], options)
+                    (degraded_denoised,) = comfy.samplers.calc_cond_batch(
+                        args["model"], [as_own_entries(ref_conds, instance)], x_degraded, args["sigma"], options)
                 return sag_guided(args["denoised"], degraded, degraded_denoised, scale)
             finally:
                 records.clear()

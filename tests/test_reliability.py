@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import attention_guidance.nodes.sag as sag_node
+from comfy_extras.nodes_easycache import EasyCacheNode
 from comfy_extras.nodes_freelunch import FreeU_V2
 from comfy_extras.nodes_hypertile import HyperTile
 from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
@@ -323,6 +324,44 @@ def test_a_layer_whose_queries_another_patch_rewrote_is_refused_by_name(patch, n
         message = str(error.value)
         assert message.startswith(layer_input + ": at input block 1, transformer 0")
         assert "changed this layer's queries" in message and "HyperTile" in message and "'mid'" in message
+
+
+def test_guidance_passes_run_under_uuids_of_their_own_the_same_every_step():
+    # Per-entry caches (the host's EasyCache) key on the entry uuids of a forward's chunks; the PAG
+    # copy and SAG's degraded pass evaluate an entry with other attention / at another input.
+    model = build_model("sd15", seed=0)
+    positive, negative = make_conditioning("sd15", batch=1, seed=39)
+    patched = sag(pag(model))
+    with count_model_calls(patched) as calls:
+        sample(patched, positive, negative, torch.zeros(1, 4, 8, 8), steps=3, cfg=5.0, seed=1)
+    main, degraded = calls[0::2], calls[1::2]
+    assert len(main) == len(degraded) == 3
+    assert all(sorted(call.cond_or_uncond) == [0, 1, 2] and len(set(call.uuids)) == 3 for call in main)
+    assert all(call.cond_or_uncond == [0] and call.uuids[0] not in main[0].uuids for call in degraded)
+    assert all(call.uuids == main[0].uuids for call in main) and all(call.uuids == degraded[0].uuids for call in degraded)
+
+
+def _post_cfg_recorder(model, results):
+    recorder = model.clone()
+    recorder.set_model_sampler_post_cfg_function(lambda args: results.append(args["denoised"]) or args["denoised"])
+    return recorder
+
+
+def test_pag_keeps_acting_on_steps_easycache_serves_from_its_cache():
+    # EasyCache (threshold 3: serve whatever it can) replays each entry's last output change; the
+    # perturbed copy shared the positive's uuid, so both were served the copy's and PAG's term was 0
+    model = build_model("sd15", seed=0)
+    positive, negative = make_conditioning("sd15", batch=1, seed=40)
+    cached = EasyCacheNode.execute(model, 3.0, 0.0, 1.0, False).result[0]
+    before, after = [], []
+    patched = _post_cfg_recorder(pag(_post_cfg_recorder(cached, before)), after)
+    steps = 8
+    with count_model_calls(patched) as calls:
+        sample(patched, positive, negative, torch.zeros(1, 4, 16, 16), steps=steps, cfg=5.0, seed=1)
+    assert 0 < len(calls) < steps  # some steps were served from the cache
+    assert len(after) == len(before) == steps
+    for guided, plain in zip(after, before):
+        assert rel_err(guided, plain) > 1e-4
 
 
 # --- precision ------------------------------------------------------------------------------------------

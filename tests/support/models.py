@@ -274,6 +274,7 @@ class ModelCall:
     cond_or_uncond: list  # chunk labels in batch order: 0 = positive, 1 = negative, others = added by patches
     timestep: torch.Tensor  # what the UNet received (the host's integer-valued timestep per row)
     shape: tuple
+    uuids: list  # the conditioning entry uuid of each chunk (transformer_options["uuids"])
 
 
 _counter = itertools.count()
@@ -296,6 +297,7 @@ def count_model_calls(patcher):
             cond_or_uncond=list(transformer_options.get("cond_or_uncond", [])),
             timestep=timesteps.detach().clone(),
             shape=tuple(x.shape),
+            uuids=list(transformer_options.get("uuids", [])),
         ))
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
