@@ -34,8 +34,8 @@ from attention_guidance.nodes.sag_preview import SAGMaskPreview
 from attention_guidance.nodes.unet_layout import unet_attention_layout
 from attention_guidance.sag_core import blur_under_mask, renoise_flow, renoise_ve
 from support.diffusers_twin import ddim_scheduler, make_twin
-from support.models import (build_model, count_model_calls, denoise_once, initialise_weights, make_conditioning, sample,
-                            short_of_memory)
+from support.models import (build_model, count_model_calls, denoise_once, evaluate_guider_once, initialise_weights,
+                            make_conditioning, sample, short_of_memory)
 
 FAMILIES = ["sd15", "sd2v", "sdxl"]
 
@@ -449,20 +449,6 @@ def test_batch_rows_are_guided_independently(model, family):
         assert rel_err(single, both[i:i + 1]) < 1e-4
 
 
-def one_step_with_guider(guider, x, sigma):
-    """One evaluation of any host guider at exactly (x, sigma), as support.models.denoise_once does for CFG."""
-    kept = []
-
-    def evaluate_once(model, noise, sigmas, extra_args=None, callback=None, disable=None, **kwargs):
-        kept.append(model(x, sigmas[0] * x.new_ones([x.shape[0]]), **(extra_args or {})))
-        return kept[-1]
-
-    zeros = torch.zeros_like(x)
-    guider.sample(zeros, zeros, comfy.samplers.KSAMPLER(evaluate_once), torch.cat([sigma, sigma.new_zeros(1)]),
-                  disable_pbar=True, seed=0)
-    return kept[0]
-
-
 def test_a_guider_with_its_own_cond_layout_gets_a_recording_pass():
     # DualCFGGuider evaluates [negative, middle, positive] and then runs CFG of middle against negative:
     # SAG's main-call recording (list 1, the middle) is not the reference of that CFG, so SAG records
@@ -480,10 +466,10 @@ def test_a_guider_with_its_own_cond_layout_gets_a_recording_pass():
 
     patched = sag(model)
     with count_model_calls(patched) as calls:
-        ours = one_step_with_guider(dual(patched), x, sigma)
+        ours = evaluate_guider_once(dual(patched), x, sigma)
     # the three lists in one forward, the negative's recording pass, the degraded negative
     assert [sorted(c.cond_or_uncond) for c in calls] == [[0, 1, 2], [0], [0]]
-    plain = one_step_with_guider(dual(model), x, sigma)
+    plain = evaluate_guider_once(dual(model), x, sigma)
     sag_term = (denoise_once(patched, middle, negative, x, sigma, 2.0)
                 - denoise_once(model, middle, negative, x, sigma, 2.0))
     assert rel_err(ours, plain + sag_term) < 1e-4

@@ -216,6 +216,14 @@ def denoise_once(patcher, positive, negative, x: torch.Tensor, sigma, cfg: float
     returned tensor is the kept denoised value, not the sample that `process_latent_out` rescales.
     The schedule handed to the guider (``transformer_options["sample_sigmas"]``) is ``[sigma, 0]``.
     """
+    guider = comfy.samplers.CFGGuider(patcher)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    return evaluate_guider_once(guider, x, sigma, seed=seed)
+
+
+def evaluate_guider_once(guider, x: torch.Tensor, sigma, seed: int = 0) -> torch.Tensor:
+    """``denoise_once`` for any host guider (set up by the caller): its denoised x0 at exactly (x, sigma)."""
     sigma = _as_sigma(sigma)
     x = x.to(torch.float32)
     kept = []
@@ -225,9 +233,6 @@ def denoise_once(patcher, positive, negative, x: torch.Tensor, sigma, cfg: float
         kept.append(denoised)
         return denoised
 
-    guider = comfy.samplers.CFGGuider(patcher)
-    guider.set_conds(positive, negative)
-    guider.set_cfg(cfg)
     sigmas = torch.cat([sigma, sigma.new_zeros(1)])
     zeros = torch.zeros_like(x)
     guider.sample(zeros, zeros, comfy.samplers.KSAMPLER(evaluate_once), sigmas, disable_pbar=True, seed=seed)
