@@ -6,7 +6,8 @@ compose with every other pack's wrappers) appends the copy on the sampler's main
 cond id in transformer_options for the attention handlers, strips its output from the returned
 list and leaves it for the post-CFG function. The host still splits the batch by free memory.
 Anything that does not come through the main call (another guider's layout, context windows)
-gets a separate pass from the post-CFG function instead, so the result is the same either way.
+gets a separate pass from the post-CFG function instead, so the result is the same either way;
+once that happened, a run stops batching the copy nobody used.
 """
 from __future__ import annotations
 
@@ -53,12 +54,16 @@ def add_batched_positive_copy(model, instance: str, is_active: Callable[[object,
     ``is_active(model, sigma)`` decides per call whether the copy is needed at all.
     """
     pending: dict = {}
+    # set for the rest of a run once the post-CFG function guided with another list than the first of
+    # the main call (DualCFGGuider evaluates [negative, middle, positive], then CFG of middle against
+    # negative), so that a copy nobody uses is not batched every step
+    unused: dict = {}
 
     def calc_cond_batch_wrapper(executor, base_model, conds, x_in, timestep, model_options):
         if not is_main_cond_call(conds, model_options):
             return executor(base_model, conds, x_in, timestep, model_options)
         pending.clear()
-        if not is_active(base_model, timestep):
+        if unused or not is_active(base_model, timestep):
             return executor(base_model, conds, x_in, timestep, model_options)
         cond_id = len(conds)
         options = with_guidance_options(model_options, perturbed={instance: cond_id})
@@ -71,6 +76,8 @@ def add_batched_positive_copy(model, instance: str, is_active: Callable[[object,
         x0 = None
         if pending.get("x") is args["input"] and pending.get("cond") is args["cond"]:
             x0 = pending["x0"]
+        elif pending:
+            unused["copy"] = True
         pending.clear()
         if x0 is not None:
             return x0
@@ -81,4 +88,5 @@ def add_batched_positive_copy(model, instance: str, is_active: Callable[[object,
 
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, calc_cond_batch_wrapper)
     clear_after_sampling(model, pending)
+    clear_after_sampling(model, unused)
     return perturbed_x0

@@ -3,13 +3,17 @@ the host's own samplers, compared with diffusers' PAG code and with the host's b
 import math
 
 import pytest
+import comfy.samplers
 import torch
+from comfy_extras.nodes_custom_sampler import Guider_DualCFG
 from comfy_extras.nodes_pag import PerturbedAttentionGuidance as HostPAG
 
 from attention_guidance.nodes.pag import PerturbedAttentionGuidance
 from attention_guidance.nodes.unet_layout import UnsupportedModelError
 from support.diffusers_twin import make_twin, pag_reference
-from support.models import build_model, count_model_calls, denoise_once, make_conditioning, sample, short_of_memory
+from support.models import (
+    build_model, count_model_calls, denoise_once, evaluate_guider_once, make_conditioning, sample, short_of_memory,
+)
 
 FAMILIES = ["sd15", "sd2v", "sdxl"]
 
@@ -104,6 +108,36 @@ def test_where_the_batch_does_not_fit_the_perturbed_copy_runs_alone_with_the_sam
     # the host's own split: one forward per cond entry, the perturbed copy (id 2) among them
     assert sorted(c.cond_or_uncond for c in calls) == ([[0], [1], [2]] if cfg > 1.0 else [[0], [2]])
     assert rel_err(split, whole) < 1e-5
+
+
+def test_a_guider_that_guides_with_another_list_gets_a_separate_pass_and_stops_batching_the_copy():
+    # DualCFGGuider evaluates [negative, middle, positive], then runs CFG of middle against negative:
+    # the copy of the main call's first list (the negative) is not what PAG guides with, so PAG runs
+    # the middle's perturbed pass on its own, and from the next step on batches no copy
+    model = build_model("sd15", seed=0)
+    positive, negative = make_conditioning("sd15", batch=1, seed=41)
+    middle, _ = make_conditioning("sd15", batch=1, seed=42)
+    x, sigma = noisy_latent(model, 600)
+
+    def dual(patcher):
+        guider = Guider_DualCFG(patcher)
+        guider.set_conds(positive, middle, negative)
+        guider.set_cfg(3.0, 2.0)
+        return guider
+
+    patched = pag(model, scale=2.0)
+    ours = evaluate_guider_once(dual(patched), x, sigma)
+    plain = evaluate_guider_once(dual(model), x, sigma)
+    pag_term = (denoise_once(patched, middle, negative, x, sigma, 2.0)
+                - denoise_once(model, middle, negative, x, sigma, 2.0))
+    assert rel_err(ours, plain + pag_term) < 1e-4
+    assert rel_err(ours, plain) > 1e-3
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 3)
+    for run in range(2):  # the second run starts batching again, and stops again
+        with count_model_calls(patched) as calls:
+            dual(patched).sample(torch.randn(1, 4, 8, 8), torch.zeros(1, 4, 8, 8), comfy.samplers.sampler_object("euler"),
+                                 sigmas, disable_pbar=True, seed=1)
+        assert [len(call.cond_or_uncond) for call in calls] == [4, 1, 3, 1, 3, 1]
 
 
 def test_scale_zero_and_outside_the_window_do_no_extra_work(model, family):
