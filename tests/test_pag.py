@@ -7,6 +7,7 @@ import comfy.samplers
 import torch
 from comfy_extras.nodes_custom_sampler import Guider_DualCFG
 from comfy_extras.nodes_pag import PerturbedAttentionGuidance as HostPAG
+from comfy_extras.nodes_perpneg import Guider_PerpNeg
 
 from attention_guidance.nodes.pag import PerturbedAttentionGuidance
 from attention_guidance.nodes.unet_layout import UnsupportedModelError
@@ -108,6 +109,31 @@ def test_where_the_batch_does_not_fit_the_perturbed_copy_runs_alone_with_the_sam
     # the host's own split: one forward per cond entry, the perturbed copy (id 2) among them
     assert sorted(c.cond_or_uncond for c in calls) == ([[0], [1], [2]] if cfg > 1.0 else [[0], [2]])
     assert rel_err(split, whole) < 1e-5
+
+
+def test_perp_neg_guider_gets_the_copy_in_its_own_forward():
+    # PerpNegGuider evaluates [positive, negative, empty] and calls the post-CFG functions itself with
+    # the positive: the copy joins its forward, and PAG's term is the one it adds to plain CFG
+    model = build_model("sd15", seed=0)
+    positive, negative = make_conditioning("sd15", batch=1, seed=43)
+    empty, _ = make_conditioning("sd15", batch=1, seed=44)
+    x, sigma = noisy_latent(model, 600)
+
+    def perp_neg(patcher):
+        guider = Guider_PerpNeg(patcher)
+        guider.set_conds(positive, negative, empty)
+        guider.set_cfg(4.0, 1.0)
+        return guider
+
+    patched = pag(model, scale=2.0)
+    with count_model_calls(patched) as calls:
+        ours = evaluate_guider_once(perp_neg(patched), x, sigma)
+    assert [sorted(call.cond_or_uncond) for call in calls] == [[0, 1, 2, 3]]
+    pag_term = (denoise_once(patched, positive, negative, x, sigma, 4.0)
+                - denoise_once(model, positive, negative, x, sigma, 4.0))
+    plain = evaluate_guider_once(perp_neg(model), x, sigma)
+    assert rel_err(ours, plain + pag_term) < 1e-4
+    assert rel_err(ours, plain) > 1e-3
 
 
 def test_a_guider_that_guides_with_another_list_gets_a_separate_pass_and_stops_batching_the_copy():
