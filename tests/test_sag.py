@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from comfy_extras.nodes_custom_sampler import Guider_DualCFG
 from comfy_extras.nodes_model_advanced import ModelSamplingSD3
 from comfy_extras.nodes_pag import PerturbedAttentionGuidance as HostPAG
+from comfy_extras.nodes_perpneg import Guider_PerpNeg
 from comfy_extras.nodes_sag import SelfAttentionGuidance as HostSAG
 from diffusers import StableDiffusionSAGPipeline
 
@@ -472,6 +473,32 @@ def test_a_guider_with_its_own_cond_layout_gets_a_recording_pass():
     plain = evaluate_guider_once(dual(model), x, sigma)
     sag_term = (denoise_once(patched, middle, negative, x, sigma, 2.0)
                 - denoise_once(model, middle, negative, x, sigma, 2.0))
+    assert rel_err(ours, plain + sag_term) < 1e-4
+    assert rel_err(ours, plain) > 1e-3
+
+
+def test_perp_neg_guider_records_in_its_own_forward():
+    # PerpNegGuider evaluates [positive, negative, empty] and calls the post-CFG functions itself with
+    # the negative as uncond: SAG records the negative in that forward, and adds the term it adds to CFG
+    model = build_model("sd15", seed=0)
+    positive, negative = make_conditioning("sd15", batch=1, seed=43)
+    empty, _ = make_conditioning("sd15", batch=1, seed=44)
+    x, sigma = noisy_latent(model, 600)
+
+    def perp_neg(patcher):
+        guider = Guider_PerpNeg(patcher)
+        guider.set_conds(positive, negative, empty)
+        guider.set_cfg(4.0, 1.0)
+        return guider
+
+    patched = sag(model)
+    with count_model_calls(patched) as calls:
+        ours = evaluate_guider_once(perp_neg(patched), x, sigma)
+    # the three lists in one forward, then the degraded negative
+    assert [sorted(c.cond_or_uncond) for c in calls] == [[0, 1, 2], [0]]
+    sag_term = (denoise_once(patched, positive, negative, x, sigma, 4.0)
+                - denoise_once(model, positive, negative, x, sigma, 4.0))
+    plain = evaluate_guider_once(perp_neg(model), x, sigma)
     assert rel_err(ours, plain + sag_term) < 1e-4
     assert rel_err(ours, plain) > 1e-3
 
