@@ -5,15 +5,14 @@ import math
 import pytest
 import comfy.samplers
 import torch
-from comfy_extras.nodes_custom_sampler import Guider_DualCFG
 from comfy_extras.nodes_pag import PerturbedAttentionGuidance as HostPAG
-from comfy_extras.nodes_perpneg import Guider_PerpNeg
 
 from attention_guidance.nodes.pag import PerturbedAttentionGuidance
 from attention_guidance.nodes.unet_layout import UnsupportedModelError
 from support.diffusers_twin import make_twin, pag_reference
 from support.models import (
-    build_model, count_model_calls, denoise_once, evaluate_guider_once, make_conditioning, sample, short_of_memory,
+    build_model, cfg_term, count_model_calls, denoise_once, dual_cfg_guider, evaluate_guider_once, make_conditioning,
+    perp_neg_guider, sample, short_of_memory,
 )
 
 FAMILIES = ["sd15", "sd2v", "sdxl"]
@@ -118,20 +117,12 @@ def test_perp_neg_guider_gets_the_copy_in_its_own_forward():
     positive, negative = make_conditioning("sd15", batch=1, seed=43)
     empty, _ = make_conditioning("sd15", batch=1, seed=44)
     x, sigma = noisy_latent(model, 600)
-
-    def perp_neg(patcher):
-        guider = Guider_PerpNeg(patcher)
-        guider.set_conds(positive, negative, empty)
-        guider.set_cfg(4.0, 1.0)
-        return guider
-
     patched = pag(model, scale=2.0)
     with count_model_calls(patched) as calls:
-        ours = evaluate_guider_once(perp_neg(patched), x, sigma)
+        ours = evaluate_guider_once(perp_neg_guider(patched, positive, negative, empty), x, sigma)
     assert [sorted(call.cond_or_uncond) for call in calls] == [[0, 1, 2, 3]]
-    pag_term = (denoise_once(patched, positive, negative, x, sigma, 4.0)
-                - denoise_once(model, positive, negative, x, sigma, 4.0))
-    plain = evaluate_guider_once(perp_neg(model), x, sigma)
+    pag_term = cfg_term(patched, model, positive, negative, x, sigma, 4.0)
+    plain = evaluate_guider_once(perp_neg_guider(model, positive, negative, empty), x, sigma)
     assert rel_err(ours, plain + pag_term) < 1e-4
     assert rel_err(ours, plain) > 1e-3
 
@@ -144,25 +135,18 @@ def test_a_guider_that_guides_with_another_list_gets_a_separate_pass_and_stops_b
     positive, negative = make_conditioning("sd15", batch=1, seed=41)
     middle, _ = make_conditioning("sd15", batch=1, seed=42)
     x, sigma = noisy_latent(model, 600)
-
-    def dual(patcher):
-        guider = Guider_DualCFG(patcher)
-        guider.set_conds(positive, middle, negative)
-        guider.set_cfg(3.0, 2.0)
-        return guider
-
     patched = pag(model, scale=2.0)
-    ours = evaluate_guider_once(dual(patched), x, sigma)
-    plain = evaluate_guider_once(dual(model), x, sigma)
-    pag_term = (denoise_once(patched, middle, negative, x, sigma, 2.0)
-                - denoise_once(model, middle, negative, x, sigma, 2.0))
+    ours = evaluate_guider_once(dual_cfg_guider(patched, positive, middle, negative), x, sigma)
+    plain = evaluate_guider_once(dual_cfg_guider(model, positive, middle, negative), x, sigma)
+    pag_term = cfg_term(patched, model, middle, negative, x, sigma, 2.0)
     assert rel_err(ours, plain + pag_term) < 1e-4
     assert rel_err(ours, plain) > 1e-3
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 3)
     for run in range(2):  # the second run starts batching again, and stops again
         with count_model_calls(patched) as calls:
-            dual(patched).sample(torch.randn(1, 4, 8, 8), torch.zeros(1, 4, 8, 8), comfy.samplers.sampler_object("euler"),
-                                 sigmas, disable_pbar=True, seed=1)
+            guider = dual_cfg_guider(patched, positive, middle, negative)
+            guider.sample(torch.randn(1, 4, 8, 8), torch.zeros(1, 4, 8, 8), comfy.samplers.sampler_object("euler"),
+                          sigmas, disable_pbar=True, seed=1)
         assert [len(call.cond_or_uncond) for call in calls] == [4, 1, 3, 1, 3, 1]
 
 

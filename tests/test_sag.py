@@ -20,10 +20,8 @@ import nodes as host_nodes
 import pytest
 import torch
 import torch.nn.functional as F
-from comfy_extras.nodes_custom_sampler import Guider_DualCFG
 from comfy_extras.nodes_model_advanced import ModelSamplingSD3
 from comfy_extras.nodes_pag import PerturbedAttentionGuidance as HostPAG
-from comfy_extras.nodes_perpneg import Guider_PerpNeg
 from comfy_extras.nodes_sag import SelfAttentionGuidance as HostSAG
 from diffusers import StableDiffusionSAGPipeline
 
@@ -35,8 +33,8 @@ from attention_guidance.nodes.sag_preview import SAGMaskPreview
 from attention_guidance.nodes.unet_layout import unet_attention_layout
 from attention_guidance.sag_core import blur_under_mask, renoise_flow, renoise_ve
 from support.diffusers_twin import ddim_scheduler, make_twin
-from support.models import (build_model, count_model_calls, denoise_once, evaluate_guider_once, initialise_weights,
-                            make_conditioning, sample, short_of_memory)
+from support.models import (build_model, cfg_term, count_model_calls, denoise_once, dual_cfg_guider, evaluate_guider_once,
+                            initialise_weights, make_conditioning, perp_neg_guider, sample, short_of_memory)
 
 FAMILIES = ["sd15", "sd2v", "sdxl"]
 
@@ -458,21 +456,13 @@ def test_a_guider_with_its_own_cond_layout_gets_a_recording_pass():
     positive, negative = make_conditioning("sd15", batch=1, seed=31)
     middle, _ = make_conditioning("sd15", batch=1, seed=32)
     x, sigma = noisy_latent(model, 600)
-
-    def dual(patcher):
-        guider = Guider_DualCFG(patcher)
-        guider.set_conds(positive, middle, negative)
-        guider.set_cfg(3.0, 2.0)
-        return guider
-
     patched = sag(model)
     with count_model_calls(patched) as calls:
-        ours = evaluate_guider_once(dual(patched), x, sigma)
+        ours = evaluate_guider_once(dual_cfg_guider(patched, positive, middle, negative), x, sigma)
     # the three lists in one forward, the negative's recording pass, the degraded negative
     assert [sorted(c.cond_or_uncond) for c in calls] == [[0, 1, 2], [0], [0]]
-    plain = evaluate_guider_once(dual(model), x, sigma)
-    sag_term = (denoise_once(patched, middle, negative, x, sigma, 2.0)
-                - denoise_once(model, middle, negative, x, sigma, 2.0))
+    plain = evaluate_guider_once(dual_cfg_guider(model, positive, middle, negative), x, sigma)
+    sag_term = cfg_term(patched, model, middle, negative, x, sigma, 2.0)
     assert rel_err(ours, plain + sag_term) < 1e-4
     assert rel_err(ours, plain) > 1e-3
 
@@ -484,21 +474,13 @@ def test_perp_neg_guider_records_in_its_own_forward():
     positive, negative = make_conditioning("sd15", batch=1, seed=43)
     empty, _ = make_conditioning("sd15", batch=1, seed=44)
     x, sigma = noisy_latent(model, 600)
-
-    def perp_neg(patcher):
-        guider = Guider_PerpNeg(patcher)
-        guider.set_conds(positive, negative, empty)
-        guider.set_cfg(4.0, 1.0)
-        return guider
-
     patched = sag(model)
     with count_model_calls(patched) as calls:
-        ours = evaluate_guider_once(perp_neg(patched), x, sigma)
+        ours = evaluate_guider_once(perp_neg_guider(patched, positive, negative, empty), x, sigma)
     # the three lists in one forward, then the degraded negative
     assert [sorted(c.cond_or_uncond) for c in calls] == [[0, 1, 2], [0]]
-    sag_term = (denoise_once(patched, positive, negative, x, sigma, 4.0)
-                - denoise_once(model, positive, negative, x, sigma, 4.0))
-    plain = evaluate_guider_once(perp_neg(model), x, sigma)
+    sag_term = cfg_term(patched, model, positive, negative, x, sigma, 4.0)
+    plain = evaluate_guider_once(perp_neg_guider(model, positive, negative, empty), x, sigma)
     assert rel_err(ours, plain + sag_term) < 1e-4
     assert rel_err(ours, plain) > 1e-3
 

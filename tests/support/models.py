@@ -34,6 +34,8 @@ import comfy.sample
 import comfy.samplers
 import comfy.supported_models
 import torch
+from comfy_extras.nodes_custom_sampler import Guider_DualCFG
+from comfy_extras.nodes_perpneg import Guider_PerpNeg
 
 FAMILIES = ("sd15", "sd2v", "sdxl")
 
@@ -239,6 +241,30 @@ def evaluate_guider_once(guider, x: torch.Tensor, sigma, seed: int = 0) -> torch
     if len(kept) != 1:
         raise RuntimeError(f"expected one model evaluation, got {len(kept)}")
     return kept[0].to(torch.float32).cpu()
+
+
+def dual_cfg_guider(patcher, positive, middle, negative, cfg_middle: float = 3.0, cfg_negative: float = 2.0):
+    """The host's DualCFGGuider: one forward of [negative, middle, positive], then CFG of middle against
+    negative plus ``cfg_middle`` times (positive - middle)."""
+    guider = Guider_DualCFG(patcher)
+    guider.set_conds(positive, middle, negative)
+    guider.set_cfg(cfg_middle, cfg_negative)
+    return guider
+
+
+def perp_neg_guider(patcher, positive, negative, empty, cfg: float = 4.0, neg_scale: float = 1.0):
+    """The host's PerpNegGuider: one forward of [positive, negative, empty]; it calls the post-CFG
+    functions itself, with the positive as cond and the negative as uncond."""
+    guider = Guider_PerpNeg(patcher)
+    guider.set_conds(positive, negative, empty)
+    guider.set_cfg(cfg, neg_scale)
+    return guider
+
+
+def cfg_term(patched, model, positive, negative, x: torch.Tensor, sigma, cfg: float) -> torch.Tensor:
+    """What a patch adds to plain CFG of ``positive`` against ``negative`` at exactly (x, sigma)."""
+    return (denoise_once(patched, positive, negative, x, sigma, cfg)
+            - denoise_once(model, positive, negative, x, sigma, cfg))
 
 
 def sample(patcher, positive, negative, latent: torch.Tensor, sampler_name: str = "euler", scheduler: str = "normal",
