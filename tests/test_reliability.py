@@ -22,6 +22,7 @@ from comfy_extras.nodes_tomesd import TomePatchModel
 
 from attention_guidance.nodes.pag import PerturbedAttentionGuidance
 from attention_guidance.nodes.sag import SelfAttentionGuidance, with_sag_mask_probe
+from support.dit_models import build_dit, make_dit_conditioning
 from support.models import (
     _MODEL_CLASSES, HEADS, UNET_CONFIGS, build_model, count_model_calls, denoise_once, initialise_weights,
     make_conditioning, sample,
@@ -347,17 +348,25 @@ def _post_cfg_recorder(model, results):
     return recorder
 
 
-def test_pag_keeps_acting_on_steps_easycache_serves_from_its_cache():
+@pytest.mark.parametrize("family, cfg", [("sd15", 5.0), ("flux", 1.0)])
+def test_pag_keeps_acting_on_steps_easycache_serves_from_its_cache(family, cfg):
     # EasyCache (threshold 3: serve whatever it can) replays each entry's last output change; the
     # perturbed copy shared the positive's uuid, so both were served the copy's and PAG's term was 0
-    model = build_model("sd15", seed=0)
-    positive, negative = make_conditioning("sd15", batch=1, seed=40)
+    # (Flux at CFG 1, FluxGuidance's way, included)
+    if family == "flux":
+        model = build_dit("flux", seed=0)
+        positive, negative = make_dit_conditioning("flux", batch=1, seed=40)
+        latent, layers = torch.zeros(1, 16, 8, 10), "single.2"
+    else:
+        model = build_model(family, seed=0)
+        positive, negative = make_conditioning(family, batch=1, seed=40)
+        latent, layers = torch.zeros(1, 4, 16, 16), "mid"
     cached = EasyCacheNode.execute(model, 3.0, 0.0, 1.0, False).result[0]
     before, after = [], []
-    patched = _post_cfg_recorder(pag(_post_cfg_recorder(cached, before)), after)
+    patched = _post_cfg_recorder(pag(_post_cfg_recorder(cached, before), layers=layers), after)
     steps = 8
     with count_model_calls(patched) as calls:
-        sample(patched, positive, negative, torch.zeros(1, 4, 16, 16), steps=steps, cfg=5.0, seed=1)
+        sample(patched, positive, negative, latent, steps=steps, cfg=cfg, seed=1)
     assert 0 < len(calls) < steps  # some steps were served from the cache
     assert len(after) == len(before) == steps
     for guided, plain in zip(after, before):

@@ -316,13 +316,19 @@ def count_model_calls(patcher):
     """Record every diffusion-model forward run through `patcher` while the block is open.
 
     ``with count_model_calls(patcher) as calls: denoise_once(patcher, ...)`` leaves in ``calls`` one
-    `ModelCall` per UNet forward. A DIFFUSION_MODEL wrapper is added to `patcher` itself (innermost:
-    it sees the batch after every apply_model / calc_cond_batch wrapper) and removed on exit.
+    `ModelCall` per UNet (or Flux) forward. A DIFFUSION_MODEL wrapper is added to `patcher` itself
+    (innermost: it sees the batch after every apply_model / calc_cond_batch wrapper, and only the
+    forwards that run) and removed on exit. The host's MMDiT (SD3) runs no DIFFUSION_MODEL wrappers
+    (0.3.75); see support.dit_models.count_forwards.
     """
     calls: list[ModelCall] = []
     key = f"tests.count_model_calls.{next(_counter)}"
 
-    def record(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+    def record(executor, x, timesteps, *args, **kwargs):
+        # UNetModel._forward passes transformer_options positionally, Flux._forward by keyword
+        transformer_options = kwargs.get("transformer_options")
+        if transformer_options is None:
+            transformer_options = next(a for a in reversed(args) if isinstance(a, dict))
         calls.append(ModelCall(
             batch_size=x.shape[0],
             cond_or_uncond=list(transformer_options.get("cond_or_uncond", [])),
@@ -330,7 +336,7 @@ def count_model_calls(patcher):
             shape=tuple(x.shape),
             uuids=list(transformer_options.get("uuids", [])),
         ))
-        return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        return executor(x, timesteps, *args, **kwargs)
 
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, key, record)
     try:
