@@ -24,8 +24,8 @@ from attention_guidance.nodes.pag import PerturbedAttentionGuidance
 from attention_guidance.nodes.sag import SelfAttentionGuidance, with_sag_mask_probe
 from support.dit_models import build_dit, make_dit_conditioning
 from support.models import (
-    _MODEL_CLASSES, HEADS, UNET_CONFIGS, build_model, count_model_calls, denoise_once, initialise_weights,
-    make_conditioning, sample,
+    _MODEL_CLASSES, HEADS, UNET_CONFIGS, build_model, cfg_term, count_model_calls, denoise_once, dual_cfg_guider,
+    evaluate_guider_once, initialise_weights, make_conditioning, perp_neg_guider, sample,
 )
 
 
@@ -264,6 +264,42 @@ def test_pag_keeps_another_packs_attention_override(family):
     assert middle and all(chunks == [0, 1] for chunks in middle)
     assert rel_err(out, foreign_only) > 1e-3
     assert rel_err(out, denoise_once(pag(model), positive, negative, x, sigma, 4.0)) > 1e-3
+
+
+# The host's other guiders (SamplerCustomAdvanced). PerpNeg evaluates [positive, negative, empty] and
+# calls the post-CFG functions itself, positive against negative: the PAG copy and SAG's recording join
+# its forward. DualCFG evaluates [negative, middle, positive] and runs CFG of middle against negative:
+# its first list is not what PAG guides with, its second not what SAG records, so each runs that pass
+# on its own. Either way our term is the one we add to plain CFG of that pair.
+GUIDER_FORWARDS = {
+    ("pag", "perp_neg"): [[0, 1, 2, 3]],
+    ("sag", "perp_neg"): [[0, 1, 2], [0]],
+    ("pag", "dual_cfg"): [[0, 1, 2, 3], [0]],
+    ("sag", "dual_cfg"): [[0, 1, 2], [0], [0]],
+}
+
+
+@pytest.mark.parametrize("node, guider", list(GUIDER_FORWARDS))
+def test_the_hosts_guiders_get_the_term_of_plain_cfg(node, guider):
+    model = build_model("sd15", seed=0)
+    positive, negative = make_conditioning("sd15", batch=1, seed=43)
+    other, _ = make_conditioning("sd15", batch=1, seed=44)
+    x, sigma = noisy_latent(model, 600)
+    if guider == "perp_neg":
+        def build(m):
+            return perp_neg_guider(m, positive, negative, other, cfg=4.0)
+        guided, cfg = positive, 4.0
+    else:
+        def build(m):
+            return dual_cfg_guider(m, positive, other, negative, cfg_negative=2.0)
+        guided, cfg = other, 2.0
+    patched = NODES[node](model)
+    with count_model_calls(patched) as calls:
+        ours = evaluate_guider_once(build(patched), x, sigma)
+    assert [sorted(call.cond_or_uncond) for call in calls] == GUIDER_FORWARDS[node, guider]
+    plain = evaluate_guider_once(build(model), x, sigma)
+    assert rel_err(ours, plain + cfg_term(patched, model, guided, negative, x, sigma, cfg)) < 1e-4
+    assert rel_err(ours, plain) > 1e-3
 
 
 # The host's own UNet patch nodes, each set to act on this 16x16 latent: Deep Shrink halves the

@@ -33,8 +33,8 @@ from attention_guidance.nodes.sag_preview import SAGMaskPreview
 from attention_guidance.nodes.unet_layout import unet_attention_layout
 from attention_guidance.sag_core import blur_under_mask, renoise_flow, renoise_ve
 from support.diffusers_twin import ddim_scheduler, make_twin
-from support.models import (build_model, cfg_term, count_model_calls, denoise_once, dual_cfg_guider, evaluate_guider_once,
-                            initialise_weights, make_conditioning, perp_neg_guider, sample, short_of_memory)
+from support.models import (build_model, count_model_calls, denoise_once, initialise_weights, make_conditioning, sample,
+                            short_of_memory)
 
 FAMILIES = ["sd15", "sd2v", "sdxl"]
 
@@ -446,43 +446,6 @@ def test_batch_rows_are_guided_independently(model, family):
                                      for k, v in c[1].items()}] for c in conditioning]
         single = denoise_once(patched, row(positive), row(negative), x[i:i + 1], sigma, 5.0)
         assert rel_err(single, both[i:i + 1]) < 1e-4
-
-
-def test_a_guider_with_its_own_cond_layout_gets_a_recording_pass():
-    # DualCFGGuider evaluates [negative, middle, positive] and then runs CFG of middle against negative:
-    # SAG's main-call recording (list 1, the middle) is not the reference of that CFG, so SAG records
-    # the negative in a pass of its own. Its term is then the same as in plain CFG with that negative.
-    model = build_model("sd15", seed=0)
-    positive, negative = make_conditioning("sd15", batch=1, seed=31)
-    middle, _ = make_conditioning("sd15", batch=1, seed=32)
-    x, sigma = noisy_latent(model, 600)
-    patched = sag(model)
-    with count_model_calls(patched) as calls:
-        ours = evaluate_guider_once(dual_cfg_guider(patched, positive, middle, negative), x, sigma)
-    # the three lists in one forward, the negative's recording pass, the degraded negative
-    assert [sorted(c.cond_or_uncond) for c in calls] == [[0, 1, 2], [0], [0]]
-    plain = evaluate_guider_once(dual_cfg_guider(model, positive, middle, negative), x, sigma)
-    sag_term = cfg_term(patched, model, middle, negative, x, sigma, 2.0)
-    assert rel_err(ours, plain + sag_term) < 1e-4
-    assert rel_err(ours, plain) > 1e-3
-
-
-def test_perp_neg_guider_records_in_its_own_forward():
-    # PerpNegGuider evaluates [positive, negative, empty] and calls the post-CFG functions itself with
-    # the negative as uncond: SAG records the negative in that forward, and adds the term it adds to CFG
-    model = build_model("sd15", seed=0)
-    positive, negative = make_conditioning("sd15", batch=1, seed=43)
-    empty, _ = make_conditioning("sd15", batch=1, seed=44)
-    x, sigma = noisy_latent(model, 600)
-    patched = sag(model)
-    with count_model_calls(patched) as calls:
-        ours = evaluate_guider_once(perp_neg_guider(patched, positive, negative, empty), x, sigma)
-    # the three lists in one forward, then the degraded negative
-    assert [sorted(c.cond_or_uncond) for c in calls] == [[0, 1, 2], [0]]
-    sag_term = cfg_term(patched, model, positive, negative, x, sigma, 4.0)
-    plain = evaluate_guider_once(perp_neg_guider(model, positive, negative, empty), x, sigma)
-    assert rel_err(ours, plain + sag_term) < 1e-4
-    assert rel_err(ours, plain) > 1e-3
 
 
 def test_a_reference_without_active_entries_is_skipped_with_a_warning(caplog):
