@@ -353,9 +353,10 @@ def test_a_layer_whose_queries_another_patch_rewrote_is_refused_by_name(patch, n
     model = build_model("sd15", seed=0)
     positive, negative = make_conditioning("sd15", batch=1, seed=38)
     x, sigma = noisy_latent(model, 600, shape=(1, 4, 16, 16))
-    guided = pag(model, layers="d0") if node == "pag" else sag(model, layer="d0.0")
-    for chained in (HOST_UNET_PATCHES[patch](guided, "sd15"), NODES[node](HOST_UNET_PATCHES[patch](model, "sd15"),
-                                                                       **({"layers": "d0"} if node == "pag" else {"layer": "d0.0"}))):
+    first_layer = {"layers": "d0"} if node == "pag" else {"layer": "d0.0"}
+    patch_then_ours = NODES[node](HOST_UNET_PATCHES[patch](model, "sd15"), **first_layer)
+    ours_then_patch = HOST_UNET_PATCHES[patch](NODES[node](model, **first_layer), "sd15")
+    for chained in (ours_then_patch, patch_then_ours):
         with pytest.raises(RuntimeError) as error:
             denoise_once(chained, positive, negative, x, sigma, 5.0)
         message = str(error.value)
