@@ -62,6 +62,9 @@ SDXL_FULL = dict(
 )
 
 
+FULL_CONFIGS = {"sd15": SD15_FULL, "sdxl": SDXL_FULL}
+
+
 def build(arch: str, dtype: torch.dtype):
     device = comfy.model_management.get_torch_device()
     if arch == "sdxl":
@@ -78,7 +81,7 @@ def build(arch: str, dtype: torch.dtype):
 
 def conditioning(arch: str, batch: int):
     g = torch.Generator().manual_seed(0)
-    context = 2048 if arch == "sdxl" else 768
+    context = FULL_CONFIGS[arch]["context_dim"]
     extras = {}
     if arch == "sdxl":
         extras = dict(pooled_output=torch.randn(batch, 1280, generator=g), width=1024, height=1024, crop_w=0,
@@ -174,8 +177,10 @@ def bare_forward_seconds(model, arch: str, rows: int, latent_side: int) -> float
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 4, latent_side, latent_side, generator=g).to(device, dtype)
     timesteps = torch.full((rows,), 500.0, device=device)
-    context = torch.randn(rows, 77, 2048 if arch == "sdxl" else 768, generator=g).to(device, dtype)
-    y = torch.randn(rows, 2816, generator=g).to(device, dtype) if arch == "sdxl" else None
+    config = FULL_CONFIGS[arch]
+    context = torch.randn(rows, 77, config["context_dim"], generator=g).to(device, dtype)
+    adm = config["adm_in_channels"]
+    y = torch.randn(rows, adm, generator=g).to(device, dtype) if adm else None
     with torch.no_grad():
         start = time.perf_counter()
         model.model.diffusion_model(x, timesteps, context=context, y=y)
