@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+# kineto (torch.profiler) logs every profiler start/stop, and on a CPU-only machine a failed GPU count, as ERROR
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import conftest  # noqa: E402,F401  (host on sys.path, CPU flag, the pack as `attention_guidance`)
 
@@ -217,7 +219,12 @@ def paired_ratio(times: list[float], reference: list[float]) -> float:
     """Median over rounds of time / reference time in the same round. On a shared machine a slow spell
     usually lasts longer than one configuration, so it cancels within a round, where the ratio of two
     bests taken in different rounds would carry it."""
-    return statistics.median(t / r for t, r in zip(times, reference))
+    return statistics.median(round_ratios(times, reference))
+
+
+def round_ratios(times: list[float], reference: list[float]) -> list[float]:
+    """time / reference time within each round."""
+    return [t / r for t, r in zip(times, reference)]
 
 
 def main():
@@ -267,10 +274,10 @@ def main():
     verdicts = []
     for batch, measured in results.items():
         def t(name, reference):
-            return paired_ratio(measured[name]["times"], measured[reference]["times"])
+            return round_ratios(measured[name]["times"], measured[reference]["times"])
 
         def mem(name, reference):
-            return measured[name]["memory"] / max(measured[reference]["memory"], 1)
+            return [measured[name]["memory"] / max(measured[reference]["memory"], 1)]
 
         checks = [
             ("our PAG <= 1.5x CFG only", t("our PAG", "CFG only"), 1.5),
@@ -283,11 +290,14 @@ def main():
             ("our SAG memory <= host SAG", mem("our SAG", "host SAG"), 1.0),
             ("our SAG+PAG memory <= host SAG+PAG", mem("our SAG+PAG", "host SAG+PAG"), 1.0),
         ]
-        for label, ratio, limit in checks:
-            ok = ratio <= limit
-            verdicts.append(ok)
-            print(f"- batch {batch}: {label}: {ratio:.2f} {'met' if ok else 'MISSED'}")
-    print(f"\nsummary: {sum(verdicts)}/{len(verdicts)} targets met; forwards/step with PAG+CFG: "
+        for label, ratios, limit in checks:
+            ratio = statistics.median(ratios)
+            verdict = "met" if ratio <= limit else "missed (met in some rounds)" if min(ratios) <= limit else "MISSED"
+            verdicts.append(verdict)
+            spread = f" (rounds {min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
+            print(f"- batch {batch}: {label}: {ratio:.2f}{spread} {verdict}")
+    print(f"\nsummary: {verdicts.count('met')}/{len(verdicts)} targets met by the median over rounds, "
+          f"{verdicts.count('missed (met in some rounds)')} more met in some rounds; forwards/step with PAG+CFG: "
           f"{results[options.batch[0]]['our PAG']['forwards']:g} (host: {results[options.batch[0]]['host PAG']['forwards']:g}); "
           f"total {time.perf_counter() - started:.0f} s")
 
