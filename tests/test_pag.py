@@ -4,6 +4,7 @@ import math
 
 import pytest
 import comfy.samplers
+import nodes as host_nodes
 import torch
 from comfy_extras.nodes_pag import PerturbedAttentionGuidance as HostPAG
 
@@ -12,6 +13,7 @@ from attention_guidance.nodes.unet_layout import UnsupportedModelError
 from support.diffusers_twin import make_twin, pag_reference
 from support.models import (
     build_model, count_model_calls, denoise_once, dual_cfg_guider, make_conditioning, sample, short_of_memory,
+    tiny_controlnet,
 )
 
 FAMILIES = ["sd15", "sd2v", "sdxl"]
@@ -182,6 +184,31 @@ def test_every_sampler_family_equals_the_host_pag_node_on_mid(sampler):
     assert torch.isfinite(ours).all()
     assert rel_err(ours, host) < 1e-4
     assert rel_err(plain, host) > 1e-3
+
+
+@pytest.mark.parametrize("cfg", [4.0, 1.0])
+def test_controlnet_runs_for_the_perturbed_copy_too(cfg):
+    # The copy carries the positive's ControlNet, so the batched forward runs the ControlNet on every
+    # chunk, and the result is the host's PAG node's (which runs the ControlNet in its separate pass).
+    model = build_model("sd15", seed=0)
+    control, control_model = tiny_controlnet(model, seed=1)
+    positive, negative = make_conditioning("sd15", batch=2, seed=15)
+    hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(2))
+    positive, negative = host_nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control, hint, 1.0,
+                                                                               0.0, 1.0)
+    x, sigma = noisy_latent(model, 600, shape=(2, 4, 8, 8))
+    control_rows = []
+    handle = control_model.register_forward_hook(
+        lambda module, args, kwargs, out: control_rows.append(kwargs["x"].shape[0]), with_kwargs=True)
+    try:
+        ours = denoise_once(pag(model, scale=2.0), positive, negative, x, sigma, cfg)
+        assert control_rows == ([6] if cfg > 1.0 else [4])
+        host = denoise_once(HostPAG.execute(model, 2.0).result[0], positive, negative, x, sigma, cfg)
+    finally:
+        handle.remove()
+    assert rel_err(ours, host) < 1e-4
+    without_control = denoise_once(pag(model, scale=2.0), *make_conditioning("sd15", batch=2, seed=15), x, sigma, cfg)
+    assert rel_err(ours, without_control) > 1e-3
 
 
 def test_two_pag_nodes_both_act_in_one_forward(model, family):

@@ -7,11 +7,8 @@ import gc
 import math
 import weakref
 
-import comfy.cldm.cldm
-import comfy.controlnet
 import comfy.ldm.modules.attention
 import comfy.model_management
-import comfy.ops
 import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
@@ -33,8 +30,8 @@ from attention_guidance.nodes.sag_preview import SAGMaskPreview
 from attention_guidance.nodes.unet_layout import unet_attention_layout
 from attention_guidance.sag_core import blur_under_mask, renoise_flow, renoise_ve
 from support.diffusers_twin import ddim_scheduler, make_twin
-from support.models import (build_model, count_model_calls, denoise_once, initialise_weights, make_conditioning, sample,
-                            short_of_memory)
+from support.models import (build_model, count_model_calls, denoise_once, make_conditioning, sample,
+                            short_of_memory, tiny_controlnet)
 
 FAMILIES = ["sd15", "sd2v", "sdxl"]
 
@@ -390,16 +387,6 @@ def test_area_conds_with_cfg_run_chunked_or_not(monkeypatch):
     assert torch.isfinite(whole).all()
     assert rel_err(split, whole) < 1e-5
     assert rel_err(whole, plain) > 1e-3
-
-
-def tiny_controlnet(model, seed):
-    config = dict(model.model.model_config.unet_config)
-    config.pop("out_channels")
-    cpu = torch.device("cpu")
-    config.update(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=torch.float32, device=cpu)
-    control_model = comfy.cldm.cldm.ControlNet(**config)
-    initialise_weights(control_model, seed)
-    return comfy.controlnet.ControlNet(control_model, load_device=cpu, manual_cast_dtype=None), control_model
 
 
 def test_controlnet_conditions_the_degraded_pass_too(monkeypatch):

@@ -26,9 +26,12 @@ import dataclasses
 import itertools
 import math
 
+import comfy.cldm.cldm
+import comfy.controlnet
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
+import comfy.ops
 import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
@@ -172,6 +175,18 @@ def build_model(family: str, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
     return comfy.model_patcher.ModelPatcher(
         model, load_device=comfy.model_management.get_torch_device(), offload_device=device
     )
+
+
+def tiny_controlnet(patcher: comfy.model_patcher.ModelPatcher, seed: int):
+    """A ControlNet of the host's class for ``patcher``'s UNet (same config, 3-channel hint), random
+    weights fixed by ``seed``: the host's controller and the ControlNet module (for forward hooks)."""
+    config = dict(patcher.model.model_config.unet_config)
+    config.pop("out_channels")
+    cpu = torch.device("cpu")
+    config.update(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=torch.float32, device=cpu)
+    control_model = comfy.cldm.cldm.ControlNet(**config)
+    initialise_weights(control_model, seed)
+    return comfy.controlnet.ControlNet(control_model, load_device=cpu, manual_cast_dtype=None), control_model
 
 
 def make_conditioning(family: str, batch: int = 1, seed: int = 0, tokens: int = 7):
