@@ -43,5 +43,6 @@ if str(REPO / "tests") not in sys.path:
 
 from comfy.cli_args import args as _comfy_args  # noqa: E402
 
-_comfy_args.cpu = True
+# the tests run on the CPU; tests/benchmarks/bench_guidance.py sets AG_HOST_DEVICE=cuda where there is a GPU
+_comfy_args.cpu = os.environ.get("AG_HOST_DEVICE", "cpu") == "cpu"
 _load_pack()

@@ -27,15 +27,19 @@ from pathlib import Path
 
 # kineto (torch.profiler) logs every profiler start/stop, and on a CPU-only machine a failed GPU count, as ERROR
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+import torch  # noqa: E402
+
+# conftest keeps the host on the CPU unless told otherwise: on a GPU machine the benchmark runs there
+# (AG_HOST_DEVICE=cpu forces the CPU)
+os.environ.setdefault("AG_HOST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import conftest  # noqa: E402,F401  (host on sys.path, CPU flag, the pack as `attention_guidance`)
+import conftest  # noqa: E402,F401  (host on sys.path, device flag, the pack as `attention_guidance`)
 
 import comfy.ldm.modules.attention  # noqa: E402
 import comfy.model_base  # noqa: E402
 import comfy.model_management  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.supported_models  # noqa: E402
-import torch  # noqa: E402
 from comfy_extras.nodes_pag import PerturbedAttentionGuidance as HostPAG  # noqa: E402
 from comfy_extras.nodes_sag import SelfAttentionGuidance as HostSAG  # noqa: E402
 
