@@ -14,6 +14,10 @@ import comfy.ldm.modules.attention
 
 # transformer_options key of this pack: {"perturbed": {instance: cond id}, "extra_pass": True, ...}
 GUIDANCE_OPTIONS = "attention_guidance"
+# in GUIDANCE_OPTIONS: {cond id of a copy we batched: cond id of the list it copies}, and the chunks' cond ids
+# as the host numbered them, kept where the forward shows other patches the copies as their source
+COPIES = "copies"
+CHUNK_IDS = "chunk_ids"
 
 AttentionFn = Callable[..., "torch.Tensor"]  # noqa: F821
 
@@ -33,14 +37,28 @@ def attn1_replacements(model) -> dict:
 def options_for_chunks(extra_options: dict, positions: list[int]) -> dict:
     """extra_options as seen by a call that gets only the chunks at ``positions``."""
     narrowed = dict(extra_options)
-    narrowed["cond_or_uncond"] = [extra_options["cond_or_uncond"][i] for i in positions]
-    if "uuids" in extra_options and len(extra_options["uuids"]) == len(extra_options["cond_or_uncond"]):
+    chunks = extra_options["cond_or_uncond"]
+    narrowed["cond_or_uncond"] = [chunks[i] for i in positions]
+    if "uuids" in extra_options and len(extra_options["uuids"]) == len(chunks):
         narrowed["uuids"] = [extra_options["uuids"][i] for i in positions]
+    ours = guidance_options(extra_options)
+    if CHUNK_IDS in ours:
+        ids = chunk_ids(extra_options)
+        narrowed[GUIDANCE_OPTIONS] = dict(ours, **{CHUNK_IDS: [ids[i] for i in positions]})
     return narrowed
 
 
 def guidance_options(extra_options: dict) -> dict:
     return extra_options.get(GUIDANCE_OPTIONS, {})
+
+
+def chunk_ids(extra_options: dict) -> list[int]:
+    """The cond id of each chunk of this forward as the host numbered them (0 the positive, 1 the negative,
+    2, 3, ... further lists, among them the copies our nodes batch), also where ``cond_or_uncond`` shows
+    other patches those copies as the list they copy (see batched_pass.label_copies_as_their_source)."""
+    chunks = list(extra_options.get("cond_or_uncond", []))
+    ids = guidance_options(extra_options).get(CHUNK_IDS)
+    return list(ids) if ids is not None and len(ids) == len(chunks) else chunks
 
 
 def require_own_queries(q, k, extra_options: dict, label: str) -> None:

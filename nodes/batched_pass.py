@@ -8,6 +8,12 @@ list and leaves it for the post-CFG function. The host still splits the batch by
 Anything that does not come through the main call (another guider's layout, context windows)
 gets a separate pass from the post-CFG function instead, so the result is the same either way;
 once that happened, a run stops batching the copy nobody used.
+
+The host numbers the copy's chunk after the sampler's lists (``cond_or_uncond`` 2, or 3 with two
+copies), but packs that add keys per chunk (IPAdapter, InstantID, PuLID) index a ``(cond, uncond)``
+pair with those numbers and fail on anything else; the host's own PAG runs its pass as a lone
+positive (0). An APPLY_MODEL wrapper therefore shows the copy to the model as the list it copies,
+0, and keeps the host's numbering in our options for our handlers (``attention_sites.chunk_ids``).
 """
 from __future__ import annotations
 
@@ -17,9 +23,10 @@ from typing import Callable
 import comfy.patcher_extension
 import comfy.samplers
 
-from .attention_sites import GUIDANCE_OPTIONS, with_guidance_options
+from .attention_sites import CHUNK_IDS, COPIES, GUIDANCE_OPTIONS, with_guidance_options
 
 WRAPPER_KEY = "attention_guidance"
+COPY_LABELS_KEY = "attention_guidance_copy_labels"
 
 
 def is_main_cond_call(conds, model_options) -> bool:
@@ -48,6 +55,18 @@ def clear_after_sampling(model, state: dict) -> None:
     model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, WRAPPER_KEY, lambda patcher: state.clear())
 
 
+def label_copies_as_their_source(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+    """APPLY_MODEL wrapper: ``cond_or_uncond`` with every chunk of a copy we batched numbered as the list
+    it copies; the host's numbering moves to our options (``CHUNK_IDS``)."""
+    ours = transformer_options.get(GUIDANCE_OPTIONS, {})
+    copies = ours.get(COPIES)
+    chunks = transformer_options.get("cond_or_uncond")
+    if copies and chunks and CHUNK_IDS not in ours and any(c in copies for c in chunks):
+        transformer_options = dict(transformer_options, cond_or_uncond=[copies.get(c, c) for c in chunks])
+        transformer_options[GUIDANCE_OPTIONS] = dict(ours, **{CHUNK_IDS: list(chunks)})
+    return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+
 def add_batched_positive_copy(model, instance: str, is_active: Callable[[object, object], bool]):
     """Install the wrapper on ``model`` (a clone) and return ``perturbed_x0(args)`` for post-CFG use.
 
@@ -66,7 +85,7 @@ def add_batched_positive_copy(model, instance: str, is_active: Callable[[object,
         if unused or not is_active(base_model, timestep):
             return executor(base_model, conds, x_in, timestep, model_options)
         cond_id = len(conds)
-        options = with_guidance_options(model_options, perturbed={instance: cond_id})
+        options = with_guidance_options(model_options, perturbed={instance: cond_id}, **{COPIES: {cond_id: 0}})
         out = executor(base_model, list(conds) + [as_own_entries(conds[0], instance)], x_in, timestep, options)
         pending.update(x=x_in, cond=conds[0], x0=out[cond_id])
         return out[:cond_id]
@@ -87,6 +106,9 @@ def add_batched_positive_copy(model, instance: str, is_active: Callable[[object,
         return x0
 
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, calc_cond_batch_wrapper)
+    if not model.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, COPY_LABELS_KEY):
+        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, COPY_LABELS_KEY,
+                                   label_copies_as_their_source)
     clear_after_sampling(model, pending)
     clear_after_sampling(model, unused)
     return perturbed_x0

@@ -32,7 +32,7 @@ import torch
 
 from ..guidance_core.layer_spec import DiTBlock, DiTLayout
 from ..guidance_core.rows import chunk_rows, split_by_chunk
-from .attention_sites import GUIDANCE_OPTIONS, guidance_options, options_for_chunks
+from .attention_sites import GUIDANCE_OPTIONS, chunk_ids, guidance_options, options_for_chunks
 from .batched_pass import WRAPPER_KEY
 
 OVERRIDE = "optimized_attention_override"
@@ -114,7 +114,7 @@ class DiTAttention:
 
     @property
     def chunks(self) -> list:
-        return list(self.options.get("cond_or_uncond", []))
+        return chunk_ids(self.options)
 
     @property
     def length(self) -> int:

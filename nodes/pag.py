@@ -9,7 +9,9 @@ from ..guidance_core.layer_spec import DiTLayout, LayerSpecError
 from ..guidance_core.rows import split_by_chunk
 from ..guidance_core.schedule import in_sigma_window, validate_percent_window
 from ..pag_core import adaptive_pag_scale, identity_attention, pag_guided, rescale_guided, validate_pag_inputs
-from .attention_sites import guidance_options, install_site_handler, options_for_chunks, require_own_queries
+from .attention_sites import (
+    chunk_ids, guidance_options, install_site_handler, options_for_chunks, require_own_queries,
+)
 from .batched_pass import add_batched_positive_copy
 from .dit_attention import install_dit_handler
 from .dit_handlers import perturbed_attention_handler
@@ -92,11 +94,12 @@ class PerturbedAttentionGuidance(io.ComfyNode):
         def make_handler(previous):
             def perturbed_attention(q, k, v, extra_options, **kwargs):
                 cond_id = guidance_options(extra_options).get("perturbed", {}).get(instance)
-                if cond_id is None or cond_id not in extra_options["cond_or_uncond"]:
+                chunks = chunk_ids(extra_options)
+                if cond_id is None or cond_id not in chunks:
                     return previous(q, k, v, extra_options, **kwargs)
                 require_own_queries(q, k, extra_options, f"PAG layers '{layers}'")
                 return split_by_chunk(
-                    q, k, v, extra_options["cond_or_uncond"], lambda c: c == cond_id,
+                    q, k, v, chunks, lambda c: c == cond_id,
                     lambda q, k, v, positions: identity_attention(q, k, v),
                     lambda q, k, v, positions: previous(q, k, v, options_for_chunks(extra_options, positions), **kwargs),
                 )

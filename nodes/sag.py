@@ -33,7 +33,7 @@ from ..guidance_core.rows import chunk_rows
 from ..guidance_core.schedule import in_sigma_window, validate_percent_window
 from ..sag_core import blur_under_mask, key_attention_mass, sag_guided, sag_mask, token_grid, validate_sag_inputs
 from .attention_sites import (
-    GUIDANCE_OPTIONS, guidance_options, install_site_handler, require_own_queries, with_guidance_options,
+    GUIDANCE_OPTIONS, chunk_ids, guidance_options, install_site_handler, require_own_queries, with_guidance_options,
 )
 from .batched_pass import WRAPPER_KEY, as_own_entries, clear_after_sampling, is_main_cond_call
 from .dit_attention import install_dit_handler
@@ -109,7 +109,7 @@ def record_handler(instance: str, transformer_index: int, records: dict, label: 
             ref_id = guidance_options(extra_options).get(RECORD, {}).get(instance)
             if ref_id is None or extra_options.get("block_index", 0) != transformer_index:
                 return out
-            chunks = extra_options["cond_or_uncond"]
+            chunks = chunk_ids(extra_options)
             positions = [i for i, c in enumerate(chunks) if c == ref_id]
             if not positions:
                 return out

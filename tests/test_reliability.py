@@ -22,10 +22,11 @@ from comfy_extras.nodes_tomesd import TomePatchModel
 
 from attention_guidance.nodes.pag import PerturbedAttentionGuidance
 from attention_guidance.nodes.sag import SelfAttentionGuidance, with_sag_mask_probe
+from attention_guidance.nodes.unet_layout import unet_attention_layout
 from support.dit_models import build_dit, make_dit_conditioning
 from support.models import (
     _MODEL_CLASSES, HEADS, UNET_CONFIGS, build_model, cfg_term, count_model_calls, denoise_once, dual_cfg_guider,
-    evaluate_guider_once, initialise_weights, make_conditioning, perp_neg_guider, sample,
+    evaluate_guider_once, initialise_weights, make_conditioning, perp_neg_guider, sample, short_of_memory,
 )
 
 
@@ -258,12 +259,68 @@ def test_pag_keeps_another_packs_attention_override(family):
     out = denoise_once(pag(foreign), positive, negative, x, sigma, 4.0)
     # the cond/uncond predictions PAG guides from are theirs (sharpened), batched with the copy
     assert rel_err(kept[1][0], kept[0][0]) < 1e-5 and rel_err(kept[1][1], kept[0][1]) < 1e-5
-    # outside the perturbed layer all three chunks use their attention; in it only cond and uncond
-    assert ("input", [0, 1, 2]) in seen and ("output", [0, 1, 2]) in seen
+    # outside the perturbed layer all three chunks use their attention (the copy shown to them as the
+    # positive it copies); in it only cond and uncond
+    assert ("input", [0, 0, 1]) in seen and ("output", [0, 0, 1]) in seen
     middle = [chunks for block, chunks in seen if block == "middle"]
     assert middle and all(chunks == [0, 1] for chunks in middle)
     assert rel_err(out, foreign_only) > 1e-3
     assert rel_err(out, denoise_once(pag(model), positive, negative, x, sigma, 4.0)) > 1e-3
+
+
+def _pair_indexed_attn2_pack(model, seed):
+    """Another pack's attn2 replacement built the way IPAdapter, InstantID and PuLID build theirs: extra
+    keys and values for each chunk, picked by indexing a (positive, negative) pair with the chunk's
+    ``cond_or_uncond`` label, so any other label is an IndexError. Records the labels it was shown."""
+    shown = []
+
+    def extra_tokens(width, which):
+        return torch.randn(1, 4, width, generator=torch.Generator().manual_seed(seed * 10_000 + width * 2 + which))
+
+    def attention_with_extra_tokens(q, k, v, extra_options):
+        labels = extra_options["cond_or_uncond"]
+        shown.append(sorted(labels))
+        pair = (extra_tokens(q.shape[-1], 0), extra_tokens(q.shape[-1], 1))
+        rows = q.shape[0] // len(labels)
+        extra = torch.cat([pair[label].expand(rows, -1, -1) for label in labels])
+        heads = extra_options["n_heads"]
+        attention = comfy.ldm.modules.attention.optimized_attention
+        return attention(q, k, v, heads) + attention(q, extra, extra, heads)
+
+    foreign = model.clone()
+    for site in unet_attention_layout(model, "test").sites:
+        foreign.set_model_attn2_replace(attention_with_extra_tokens, *site.host_key)
+    return foreign, shown
+
+
+@pytest.mark.parametrize("cfg", [4.0, 1.0])
+def test_pag_runs_next_to_packs_that_index_a_positive_negative_pair(cfg, monkeypatch):
+    # The host numbers the PAG copy's chunk 2 (3 for a second copy); such packs fail on it. The copy is
+    # shown to them as the positive it copies, so they give it the positive's tokens, as in the host's PAG
+    # node's separate pass.
+    model = build_model("sd15", seed=0)
+    positive, negative = make_conditioning("sd15", batch=2, seed=38)
+    x, sigma = noisy_latent(model, 700, shape=(2, 4, 8, 8))
+    foreign, shown = _pair_indexed_attn2_pack(model, seed=3)
+    base = denoise_once(foreign, positive, negative, x, sigma, cfg)
+    shown.clear()
+    ours = denoise_once(pag(foreign, scale=2.0), positive, negative, x, sigma, cfg)
+    assert shown and all(labels == ([0, 0, 1] if cfg > 1 else [0, 0]) for labels in shown)
+    host = denoise_once(HostPAG.execute(foreign, 2.0).result[0], positive, negative, x, sigma, cfg)
+    assert rel_err(ours, host) < 1e-4
+    assert rel_err(ours, denoise_once(pag(model, scale=2.0), positive, negative, x, sigma, cfg)) > 1e-3
+    # two copies in one forward
+    shown.clear()
+    both = denoise_once(pag(pag(foreign, scale=2.0), scale=1.5, layers="u0"), positive, negative, x, sigma, cfg)
+    assert shown and all(labels == ([0, 0, 0, 1] if cfg > 1 else [0, 0, 0]) for labels in shown)
+    second = denoise_once(pag(foreign, scale=1.5, layers="u0"), positive, negative, x, sigma, cfg)
+    assert rel_err(both, base + (ours - base) + (second - base)) < 1e-4
+    # the host splitting the batch for memory: the copy alone
+    short_of_memory(monkeypatch)
+    shown.clear()
+    split = denoise_once(pag(foreign, scale=2.0), positive, negative, x, sigma, cfg)
+    assert [0] in shown and all(labels in ([0], [1]) for labels in shown)
+    assert rel_err(split, ours) < 1e-5
 
 
 # The host's other guiders (SamplerCustomAdvanced). PerpNeg evaluates [positive, negative, empty] and

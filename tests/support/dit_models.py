@@ -37,6 +37,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3PAGPipeline
 from diffusers.models.attention_processor import PAGCFGJointAttnProcessor2_0, PAGJointAttnProcessor2_0
 
+from attention_guidance.nodes.attention_sites import chunk_ids
+
 from .models import initialise_weights
 
 DIT_FAMILIES = ("sd3", "sd35", "flux", "flux2")
@@ -170,7 +172,7 @@ class Forward:
     """One model evaluation (``apply_model``): what the diffusion model was called with."""
 
     batch_size: int
-    cond_or_uncond: list
+    cond_or_uncond: list  # as the host numbered the chunks (support.models.ModelCall)
 
 
 _counter = itertools.count()
@@ -186,7 +188,7 @@ def count_forwards(patcher):
     key = f"tests.count_forwards.{next(_counter)}"
 
     def record(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
-        forwards.append(Forward(x.shape[0], list(transformer_options.get("cond_or_uncond", []))))
+        forwards.append(Forward(x.shape[0], chunk_ids(transformer_options)))
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, record)

@@ -40,6 +40,8 @@ import torch
 from comfy_extras.nodes_custom_sampler import Guider_DualCFG
 from comfy_extras.nodes_perpneg import Guider_PerpNeg
 
+from attention_guidance.nodes.attention_sites import chunk_ids
+
 FAMILIES = ("sd15", "sd2v", "sdxl")
 
 # Tensors this small gain nothing from intra-op threads, and when other processes share the two
@@ -317,7 +319,9 @@ class ModelCall:
     """One forward of the diffusion model (the UNet itself)."""
 
     batch_size: int
-    cond_or_uncond: list  # chunk labels in batch order: 0 = positive, 1 = negative, others = added by patches
+    cond_or_uncond: list  # chunks' cond lists in batch order, as the host numbered them: 0 = positive, 1 = negative,
+    # others = lists added by guiders and patches (our nodes' copies among them)
+    labels: list  # the cond_or_uncond the model was shown (our nodes show their copies as the list they copy)
     timestep: torch.Tensor  # what the UNet received (the host's integer-valued timestep per row)
     shape: tuple
     uuids: list  # the conditioning entry uuid of each chunk (transformer_options["uuids"])
@@ -346,7 +350,8 @@ def count_model_calls(patcher):
             transformer_options = next(a for a in reversed(args) if isinstance(a, dict))
         calls.append(ModelCall(
             batch_size=x.shape[0],
-            cond_or_uncond=list(transformer_options.get("cond_or_uncond", [])),
+            cond_or_uncond=chunk_ids(transformer_options),
+            labels=list(transformer_options.get("cond_or_uncond", [])),
             timestep=timesteps.detach().clone(),
             shape=tuple(x.shape),
             uuids=list(transformer_options.get("uuids", [])),
