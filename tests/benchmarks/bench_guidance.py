@@ -8,8 +8,9 @@ diffusion-model forward calls and rows per step, the ratio to its floor (the sam
 diffusion model, timed in the same round: what is left above 1.0x is the sampler's and the guidance's
 own work), peak extra memory of a sampling step (live tensors on CPU from the profiler's allocation
 records; the allocator's peak on CUDA), the bare forward times by rows, then the targets of issue 5
-(median and range of the per-round ratios) and a one-line summary. The defaults (SD1.5-shaped, 32x32 latent, batch 1 and 2, 2 steps,
-2 rounds) take about 10 minutes on 2 CPU cores; more rounds (--repeats) give steadier ratios.
+(median and range of the per-round ratios) and a one-line summary. The defaults (SD1.5-shaped,
+32x32 latent, batch 1 and 2, 2 steps, 2 rounds) take about 10 minutes on 2 CPU cores; more rounds
+(--repeats) give steadier ratios.
 
     python3 scripts/host.py setup
     COMFYUI_PATH=.cache/comfyui .cache/venv/bin/python tests/benchmarks/bench_guidance.py [--latent 32] [--batch 1 2]
