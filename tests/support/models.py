@@ -320,8 +320,7 @@ class ModelCall:
 
     batch_size: int
     cond_or_uncond: list  # chunks' cond lists in batch order, as the host numbered them: 0 = positive, 1 = negative,
-    # others = lists added by guiders and patches (our nodes' copies among them)
-    labels: list  # the cond_or_uncond the model was shown (our nodes show their copies as the list they copy)
+    # others = lists added by guiders and patches (our nodes' copies among them, which the model is shown as 0)
     timestep: torch.Tensor  # what the UNet received (the host's integer-valued timestep per row)
     shape: tuple
     uuids: list  # the conditioning entry uuid of each chunk (transformer_options["uuids"])
@@ -351,7 +350,6 @@ def count_model_calls(patcher):
         calls.append(ModelCall(
             batch_size=x.shape[0],
             cond_or_uncond=chunk_ids(transformer_options),
-            labels=list(transformer_options.get("cond_or_uncond", [])),
             timestep=timesteps.detach().clone(),
             shape=tuple(x.shape),
             uuids=list(transformer_options.get("uuids", [])),
