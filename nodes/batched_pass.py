@@ -67,10 +67,11 @@ def label_copies_as_their_source(executor, x, t, c_concat, c_crossattn, control,
     return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
 
-def add_batched_positive_copy(model, instance: str, is_active: Callable[[object, object], bool]):
+def add_batched_positive_copy(model, instance: str, is_active: Callable[[object, object], bool], watch):
     """Install the wrapper on ``model`` (a clone) and return ``perturbed_x0(args)`` for post-CFG use.
 
-    ``is_active(model, sigma)`` decides per call whether the copy is needed at all.
+    ``is_active(model, sigma)`` decides per call whether the copy is needed at all; no copy is batched
+    once ``watch`` (a ``post_cfg_watch.PostCfgWatch``) knows the guider never uses it.
     """
     pending: dict = {}
     # set for the rest of a run once the post-CFG function guided with another list than the first of
@@ -82,7 +83,7 @@ def add_batched_positive_copy(model, instance: str, is_active: Callable[[object,
         if not is_main_cond_call(conds, model_options):
             return executor(base_model, conds, x_in, timestep, model_options)
         pending.clear()
-        if unused or not is_active(base_model, timestep):
+        if watch.guider_skips_post_cfg(timestep) or unused or not is_active(base_model, timestep):
             return executor(base_model, conds, x_in, timestep, model_options)
         cond_id = len(conds)
         options = with_guidance_options(model_options, perturbed={instance: cond_id}, **{COPIES: {cond_id: 0}})

@@ -16,6 +16,7 @@ from .batched_pass import add_batched_positive_copy
 from .dit_attention import install_dit_handler
 from .dit_handlers import perturbed_attention_handler
 from .dit_layout import attention_layout
+from .post_cfg_watch import PostCfgWatch
 
 CATEGORY = "model_patches/attention_guidance"
 
@@ -89,7 +90,9 @@ class PerturbedAttentionGuidance(io.ComfyNode):
                 return 0.0
             return adaptive_pag_scale(scale, adaptive_scale, float(sampling.timestep(sigma)))
 
-        perturbed_x0 = add_batched_positive_copy(m, instance, lambda base_model, sigma: scale_at(base_model, sigma) > 0.0)
+        watch = PostCfgWatch(m, "Perturbed-Attention Guidance")
+        perturbed_x0 = add_batched_positive_copy(m, instance, lambda base_model, sigma: scale_at(base_model, sigma) > 0.0,
+                                                 watch)
 
         def make_handler(previous):
             def perturbed_attention(q, k, v, extra_options, **kwargs):
@@ -112,6 +115,7 @@ class PerturbedAttentionGuidance(io.ComfyNode):
             install_site_handler(m, sites, make_handler)
 
         def post_cfg_function(args):
+            watch.post_cfg_ran()
             s = scale_at(args["model"], args["sigma"])
             if s == 0.0:
                 return args["denoised"]

@@ -39,6 +39,7 @@ from .batched_pass import WRAPPER_KEY, as_own_entries, clear_after_sampling, is_
 from .dit_attention import install_dit_handler
 from .dit_handlers import key_mass_recorder
 from .dit_layout import attention_layout
+from .post_cfg_watch import PostCfgWatch
 
 CATEGORY = "model_patches/attention_guidance"
 
@@ -246,6 +247,7 @@ class SelfAttentionGuidance(io.ComfyNode):
         instance = uuid.uuid4().hex
         records: dict = {}
         warned: list = []
+        watch = PostCfgWatch(m, "Self-Attention Guidance")
 
         def active(base_model, sigma) -> bool:
             sampling = base_model.model_sampling
@@ -256,7 +258,8 @@ class SelfAttentionGuidance(io.ComfyNode):
             if not is_main_cond_call(conds, model_options):
                 return executor(base_model, conds, x_in, timestep, model_options)
             records.clear()
-            if PREVIEW not in _model_guidance_options(model_options) and not active(base_model, timestep):
+            inactive = PREVIEW not in _model_guidance_options(model_options) and not active(base_model, timestep)
+            if watch.guider_skips_post_cfg(timestep) or inactive:
                 return executor(base_model, conds, x_in, timestep, model_options)
             # diffusers: the uncond map under CFG, the cond map without (the host drops the uncond at CFG 1)
             ref_id = 1 if conds[1] is not None else 0
@@ -287,6 +290,7 @@ class SelfAttentionGuidance(io.ComfyNode):
             return sag_latent_mask(mass_map, threshold)
 
         def post_cfg_function(args):
+            watch.post_cfg_ran()
             preview = _model_guidance_options(args["model_options"]).get(PREVIEW)
             try:
                 if preview is None and not active(args["model"], args["sigma"]):

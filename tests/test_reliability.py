@@ -4,14 +4,17 @@ another pack's attention override and post-CFG function and with the host's own 
 (Deep Shrink, FreeU, HyperTile, ToMe), fp16/bf16 models, and no memory growth over many SAG steps."""
 import copy
 import gc
+import logging
 
 import comfy.ldm.modules.attention
 import comfy.model_management
 import comfy.model_patcher
+import comfy.samplers
 import pytest
 import torch
 
 import attention_guidance.nodes.sag as sag_node
+from comfy_extras.nodes_custom_sampler import Guider_Basic
 from comfy_extras.nodes_easycache import EasyCacheNode
 from comfy_extras.nodes_freelunch import FreeU_V2
 from comfy_extras.nodes_hypertile import HyperTile
@@ -357,6 +360,84 @@ def test_the_hosts_guiders_get_the_term_of_plain_cfg(node, guider):
     plain = evaluate_guider_once(build(model), x, sigma)
     assert rel_err(ours, plain + cfg_term(patched, model, guided, negative, x, sigma, cfg)) < 1e-4
     assert rel_err(ours, plain) > 1e-3
+
+
+class _GuiderWithoutPostCfg(comfy.samplers.CFGGuider):
+    """A custom guider as a guider pack may write one: CFG of the main call's two predictions, combined
+    here, without running the model's post-CFG functions."""
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        cond, uncond = comfy.samplers.calc_cond_batch(
+            self.inner_model, [self.conds.get("positive"), self.conds.get("negative")], x, timestep, model_options)
+        return uncond + self.cfg * (cond - uncond)
+
+
+def _sample_with(guider, steps=3, seed=1):
+    sigmas = comfy.samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"), "normal", steps)
+    latent = torch.zeros(1, 4, 8, 8)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
+    return guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, disable_pbar=True, seed=seed)
+
+
+POST_CFG_WARNING = "without running the model's post-CFG functions"
+NODE_NAMES = {"pag": "Perturbed-Attention Guidance", "sag": "Self-Attention Guidance"}
+
+
+@pytest.mark.parametrize("node", ["pag", "sag"])
+def test_a_guider_that_never_runs_post_cfg_functions_is_named_in_a_warning_and_costs_nothing_more(
+        node, caplog, monkeypatch):
+    # The guidance is added in a post-CFG function, so with such a guider it cannot act. The node says
+    # so once per run, at the second step (the first cannot know yet), and stops its extra work: PAG's
+    # batched copy, SAG's recording of the map.
+    model = build_model("sd15", seed=0)
+    positive, negative = make_conditioning("sd15", batch=1, seed=45)
+    maps = []
+    record_key_mass = sag_node.key_attention_mass
+    monkeypatch.setattr(sag_node, "key_attention_mass", lambda *a, **kw: maps.append(1) or record_key_mass(*a, **kw))
+
+    def guider(m):
+        g = _GuiderWithoutPostCfg(m)
+        g.set_conds(positive, negative)
+        g.set_cfg(4.0)
+        return g
+
+    patched = NODES[node](model)
+    plain = _sample_with(guider(model))
+    for run in range(2):
+        caplog.clear()
+        maps.clear()
+        with caplog.at_level(logging.WARNING), count_model_calls(patched) as calls:
+            ours = _sample_with(guider(patched))
+        warnings = [r.getMessage() for r in caplog.records if POST_CFG_WARNING in r.getMessage()]
+        assert len(warnings) == 1 and warnings[0].startswith(NODE_NAMES[node])
+        assert [sorted(c.cond_or_uncond) for c in calls] == ([[0, 1, 2]] if node == "pag" else [[0, 1]]) + [[0, 1]] * 2
+        assert len(maps) == (1 if node == "sag" else 0)
+        assert rel_err(ours, plain) < 1e-5
+
+
+@pytest.mark.parametrize("guider", ["ksampler", "basic", "perp_neg", "dual_cfg"])
+def test_the_hosts_guiders_run_post_cfg_functions_so_nothing_is_switched_off(guider, caplog):
+    model = build_model("sd15", seed=0)
+    positive, negative = make_conditioning("sd15", batch=1, seed=46)
+    other, _ = make_conditioning("sd15", batch=1, seed=47)
+    patched = pag(sag(model, scale=0.5), scale=2.0)
+
+    def run(m):
+        if guider == "ksampler":
+            return sample(m, positive, negative, torch.zeros(1, 4, 8, 8), steps=3, cfg=4.0, seed=1)
+        if guider == "basic":
+            g = Guider_Basic(m)
+            g.set_conds(positive)
+        elif guider == "perp_neg":
+            g = perp_neg_guider(m, positive, negative, other, cfg=4.0)
+        else:
+            g = dual_cfg_guider(m, positive, other, negative, cfg_negative=2.0)
+        return _sample_with(g)
+
+    with caplog.at_level(logging.WARNING):
+        ours = run(patched)
+    assert POST_CFG_WARNING not in caplog.text
+    assert rel_err(ours, run(model)) > 1e-3
 
 
 # The host's own UNet patch nodes, each set to act on this 16x16 latent: Deep Shrink halves the
