@@ -17,6 +17,7 @@ Needs Chromium and the Python package playwright (``python3 scripts/host.py setu
 import copy
 import json
 import os
+import re
 from importlib import metadata
 
 import pytest
@@ -230,3 +231,22 @@ def test_queueing_the_sd15_example_from_the_run_button_shows_the_image(loaded, s
     finished = [entry for entry in history.values()
                 if any(v["class_type"] == "AG_PerturbedAttentionGuidance" for v in entry["prompt"][2].values())]
     assert finished and all(entry["status"]["status_str"] == "success" for entry in finished)
+
+
+def test_the_node_docs_panel_shows_each_of_our_nodes_page(comfy, object_info):
+    # the frontend falls back to the node's description when it finds no page: the page's own sections
+    # and the first line of its text are what tell them apart
+    ours = sorted(name for name in object_info if name.startswith(OUR_NODE_PREFIX))
+    assert ours == ["AG_PerturbedAttentionGuidance", "AG_SAGMaskPreview", "AG_SelfAttentionGuidance"]
+    comfy.close_dialogs()
+    comfy.load_workflow({"last_node_id": 0, "last_link_id": 0, "nodes": [], "links": [], "groups": [],
+                         "config": {}, "extra": {}, "version": 0.4}, "docs.json")
+    for name in ours:
+        comfy.select_node(comfy.add_node(name))
+        text = comfy.toggle_node_docs()
+        assert comfy.toggle_node_docs() == ""
+        page = (REPO / "web" / "docs" / f"{name}.md").read_text(encoding="utf-8")
+        first_sentence = re.sub(r"[*`]", "", page.split("\n\n")[1].split(".")[0].replace("\n", " "))
+        assert text.startswith(object_info[name]["display_name"]), (name, text[:200])
+        assert first_sentence in text.replace("\n", " "), (name, text[:400])
+        assert "Good to know" in text and "Inputs" in text, name

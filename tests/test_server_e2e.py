@@ -1,7 +1,9 @@
-"""End to end through the real ComfyUI server: the PAG node's definition as the frontend sees it, a
-checkpoint -> PAG -> KSampler -> VAEDecode -> SaveImage graph over HTTP, and a bad layer reported as an
-execution error. Uses the tiny random SD1.5 checkpoint, on the CPU."""
+"""End to end through the real ComfyUI server: the PAG node's definition as the frontend sees it, each
+node's docs page where the frontend fetches it, a checkpoint -> PAG -> KSampler -> VAEDecode -> SaveImage
+graph over HTTP, and a bad layer reported as an execution error. Uses the tiny random SD1.5 checkpoint,
+on the CPU."""
 import io
+import re
 import struct
 
 import pytest
@@ -83,3 +85,38 @@ def test_unknown_layer_fails_with_an_execution_error_naming_it(comfy_server, che
     assert error is not None, entry["status"]
     assert error["node_type"] == PAG
     assert "u99" in error["exception_message"]
+
+
+def documented(page: str, section: str) -> dict:
+    """``{name: default or None}`` from the list under ``## <section>`` of a docs page, whose lines read
+    ``- **name** (default): ...`` or ``- **a**, **b**: ...``."""
+    found = re.search(rf"^## {section}\n(.*?)(?=^## |\Z)", page, re.M | re.S)
+    names = {}
+    for entry, default in re.findall(r"^- ((?:\*\*\w+\*\*(?:, )?)+)(?: \((.+?)\))?:", found.group(1) if found else "", re.M):
+        for name in re.findall(r"\*\*(\w+)\*\*", entry):
+            names[name] = default.strip("`") if default else None
+    return names
+
+
+def test_every_node_has_a_docs_page_with_its_inputs_and_defaults_where_the_frontend_fetches_it(comfy_server):
+    info = comfy_server.object_info()
+    module = info[PAG]["python_module"]
+    ours = {name: node for name, node in info.items() if node.get("python_module") == module}
+    assert set(ours) == {PAG, "AG_SelfAttentionGuidance", "AG_SAGMaskPreview"}
+    # the frontend (1.32) asks /extensions/<the folder in python_module "custom_nodes.<folder>">/docs/<node>.md
+    folder = module.split(".")[1]
+    for name, node in ours.items():
+        page = comfy_server.request(f"/extensions/{folder}/docs/{name}.md").decode("utf-8")
+        assert page.startswith(f"# {node['display_name']}\n"), name
+        inputs = {**node["input"]["required"], **node["input"].get("optional", {})}
+        documented_inputs = documented(page, "Inputs")
+        assert set(documented_inputs) == set(inputs), name
+        # a MODEL patch's one output needs no list; anything else lists its outputs by name
+        if node["output"] != ["MODEL"]:
+            assert list(documented(page, "Outputs")) == node["output_name"], name
+        for input_name, default in documented_inputs.items():
+            if default is None:
+                continue
+            schema_default = inputs[input_name][1]["default"]
+            assert (float(default) == schema_default if isinstance(schema_default, (int, float))
+                    else default == schema_default), (name, input_name, default, schema_default)

@@ -32,6 +32,8 @@ VIEWPORT = {"width": 1600, "height": 1000}
 APP_READY_TIMEOUT_MS = 180_000
 MISSING_NODES_DIALOG = '.p-dialog[aria-labelledby="global-missing-nodes"]'
 QUEUE_BUTTON = '[data-testid="queue-button"] button'
+INFO_BUTTON = '[data-testid="info-button"]'
+NODE_DOCS = ".node-help-content"
 
 
 def find_chromium() -> str | None:
@@ -204,3 +206,36 @@ class ComfyPage:
             const node = window.app.graph.getNodeById(id);
             return (node.imgs || []).filter(i => i.complete && i.naturalWidth > 0).map(i => [i.naturalWidth, i.naturalHeight]);
         }""", node_id)
+
+    def add_node(self, node_type: str) -> int:
+        """A new ``node_type`` node in the middle of the view; its id."""
+        return self.page.evaluate("""(type) => {
+            const node = window.LiteGraph.createNode(type);
+            node.pos = window.app.canvas.ds.convertOffsetToCanvas([600, 400]);
+            window.app.graph.add(node);
+            return node.id;
+        }""", node_type)
+
+    def select_node(self, node_id: int) -> None:
+        self.page.evaluate("""(id) => {
+            window.app.canvas.deselectAll();
+            window.app.canvas.selectNode(window.app.graph.getNodeById(id));
+            window.app.canvas.setDirty(true, true);
+        }""", node_id)
+        self.settle(600)
+
+    def toggle_node_docs(self, timeout_ms: int = 30_000) -> str:
+        """The selection toolbox's info button, as a user presses it: opens the selected node's page in the
+        node docs panel and returns the panel's text once it has loaded, or closes the panel ("")."""
+        was_open = self.page.locator(NODE_DOCS).count() > 0
+        self.page.locator(INFO_BUTTON).first.click()
+        if was_open:
+            self.page.wait_for_function("(selector) => !document.querySelector(selector)", arg=NODE_DOCS,
+                                        timeout=timeout_ms)
+            self.settle()
+            return ""
+        self.page.wait_for_function(
+            "(selector) => (document.querySelector(selector)?.innerText || '').trim().length > 0", arg=NODE_DOCS,
+            timeout=timeout_ms)
+        self.settle(300)
+        return self.page.locator(NODE_DOCS).first.inner_text()

@@ -34,7 +34,7 @@ if str(TESTS) not in sys.path:
 
 from support.browser import ComfyPage, chromium_context  # noqa: E402
 from support.examples import (COMPAT_DIR, CORE_CNR_ID, EXAMPLES_DIR, OUR_NODE_PREFIX,  # noqa: E402
-                              example_server_running, pack_metadata)
+                              example_server_running, load_example, pack_metadata)
 from support.server import PACK_NAME as PACK_FOLDER, REPO  # noqa: E402
 
 DOCS = REPO / "docs"
@@ -42,6 +42,9 @@ DOCS = REPO / "docs"
 DOCS_SCREENSHOTS = ("sd15_pag_unconditional_cfg1", "sd15_sag_pag_chained", "sd15_controlnet_canny_empty_prompt_pag",
                     "sd15_sag_mask_preview", "flux_dev_pag")
 TEMPLATE_BROWSER_SCREENSHOT = DOCS / "template_browser.png"
+# The PAG node's page in the node docs panel, beside this example's graph.
+NODE_DOCS_SCREENSHOT = DOCS / "node_docs_panel.png"
+NODE_DOCS_EXAMPLE = "sd15_pag_unconditional_cfg1"
 PREVIEW_PIXELS = 512
 PREVIEW_MIN_SCALE = 0.7
 SCREENSHOT_MARGIN = 40
@@ -516,6 +519,15 @@ def template_browser_screenshot(page, path: Path) -> None:
     page.close_dialogs()
 
 
+def node_docs_screenshot(page, path: Path) -> None:
+    page.load_workflow(load_example(NODE_DOCS_EXAMPLE), f"{NODE_DOCS_EXAMPLE}.json")
+    page.fit_view()
+    page.select_node(next(n["id"] for n in page.node_states() if n["type"] == "AG_PerturbedAttentionGuidance"))
+    page.toggle_node_docs()
+    page.page.screenshot(path=str(path), clip={"x": 0, "y": 0, "width": 1100, "height": page.page.viewport_size["height"]})
+    page.toggle_node_docs()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help="only these workflows (default: all)")
@@ -562,6 +574,8 @@ def main(argv=None) -> None:
                 preview_jpeg(page, EXAMPLES_DIR / f"{workflow.name}.jpg")
                 print(f"wrote example_workflows/{workflow.name}.json and .jpg", flush=True)
             page.set_focus_mode(False)
+            node_docs_screenshot(page, NODE_DOCS_SCREENSHOT)
+            print(f"wrote {NODE_DOCS_SCREENSHOT.relative_to(REPO)}", flush=True)
             template_browser_screenshot(page, TEMPLATE_BROWSER_SCREENSHOT)
             print(f"wrote {TEMPLATE_BROWSER_SCREENSHOT.relative_to(REPO)}", flush=True)
             errors = [line for line in page.console if line.startswith("pageerror")]
