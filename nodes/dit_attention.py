@@ -8,9 +8,10 @@ every call and every row we do not compute ourselves, so overrides chain.
 
 Where a call comes from:
 
-- Flux (comfy/ldm/flux/model.py ``forward_orig``) sets ``transformer_options["block_type"]``
-  ("double" / "single") and ``["block_index"]`` before each block; each block has one attention, over
-  ``cat(text, image)`` (image tokens include Kontext reference latents after the generated image).
+- Flux and Chroma (comfy/ldm/flux/model.py, comfy/ldm/chroma/model.py ``forward_orig``) set
+  ``transformer_options["block_type"]`` ("double" / "single") and ``["block_index"]`` before each
+  block; each block has one attention, over ``cat(text, image)`` (image tokens include Kontext
+  reference latents after the generated image).
 - SD3's MMDiT (comfy/ldm/modules/diffusionmodules/mmdit.py) sets no block index in 0.3.75. A block
   replacement (``patches_replace["dit"][("double_block", i)]``) on each chosen block runs the original
   block with a copy of transformer_options that names the block and carries its text and image token
@@ -62,7 +63,9 @@ def token_grid(architecture: str, patch_size: int, latent_hw) -> tuple[int, int]
     height, width = latent_hw
     if architecture == "mmdit":  # MMDiT.cropped_pos_embed / unpatchify
         return (height + 1) // patch_size, (width + 1) // patch_size
-    return (height + patch_size // 2) // patch_size, (width + patch_size // 2) // patch_size  # Flux._forward
+    # Flux._forward and Chroma._forward: (h + p // 2) // p, which is ceil(h / p) for their patch sizes
+    # (1, 2); Chroma Radiance pads its pixels to the patch size (16) first: ceil(h / p)
+    return -(-height // patch_size), -(-width // patch_size)
 
 
 class DiTAttention:
@@ -124,9 +127,9 @@ class DiTAttention:
     def text_tokens(self) -> int:
         if self._text_tokens is None:
             raise RuntimeError(
-                f"Attention guidance could not read the text length of this Flux forward at {self.block.index_name}: "
-                "another node replaced Flux's first double block without running ours. Apply the attention "
-                "guidance node after that node."
+                f"Attention guidance could not read the text length of this Flux / Chroma forward at "
+                f"{self.block.index_name}: another node replaced the model's first double block without running "
+                "ours. Apply the attention guidance node after that node."
             )
         return self._text_tokens
 

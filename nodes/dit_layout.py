@@ -1,7 +1,8 @@
 """Which model family a node was given: the attention layout of every family the pack patches (UNets,
-SD3's MMDiT, Flux), and a refusal naming the family and what is supported for every other one."""
+SD3's MMDiT, Flux and Chroma), and a refusal naming the family and what is supported for every other one."""
 from __future__ import annotations
 
+from comfy.ldm.chroma.model import Chroma
 from comfy.ldm.flux.model import Flux
 from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
@@ -11,7 +12,7 @@ from .unet_layout import UnsupportedModelError, model_family, unet_attention_lay
 
 SUPPORTED_FAMILIES = (
     "SD1.x, SD2.x and SDXL-style UNets; SD3 / SD3.5 (MMDiT); Flux.1 dev / schnell / Kontext / Fill and "
-    "Flux.2 (Flux)"
+    "Flux.2 (Flux); Chroma and Chroma Radiance"
 )
 
 
@@ -34,7 +35,9 @@ def dit_attention_layout(model) -> DiTLayout | None:
             notes["joint"] = (f"blocks {_ranges(dual)} also have SD3.5's image-only self-attention (attn2), "
                               "guided together with their joint attention")
         return DiTLayout(family, "mmdit", {"joint": len(blocks)}, notes)
-    if isinstance(diffusion_model, Flux):
+    # Chroma (and its pixel-space Chroma Radiance) runs Flux's double and single stream blocks in Flux's
+    # order, with the same block_type / block_index and block replacements (comfy/ldm/chroma/model.py)
+    if isinstance(diffusion_model, (Flux, Chroma)):
         if any(block.flipped_img_txt for block in diffusion_model.double_blocks) or not len(diffusion_model.double_blocks):
             return None  # not Flux's layout (image before text, or no double block to read the text length at)
         return DiTLayout(family, "flux", {"double": len(diffusion_model.double_blocks),

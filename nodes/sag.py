@@ -8,7 +8,7 @@ One step, as the patch runs it inside the host's sampler:
    the host skips the uncond at CFG 1. The site's output is whatever the site computed before
    (the host's attention or another patch's), untouched. Every forward the host splits the batch
    into records its own entries, keyed by the entry's uuid, on the layer's real token grid
-   (``activations_shape``). On a DiT (SD3, Flux) the site is a transformer block and the map is that
+   (``activations_shape``). On a DiT (SD3, Flux, Chroma) the site is a transformer block and the map is that
    of its image tokens (``dit_handlers.key_mass_recorder``).
 2. The post-CFG function combines the recorded maps of the reference branch in latent space the
    way the host combines that branch's predictions (entry area and mult), thresholds it, blurs the
@@ -220,7 +220,7 @@ class SelfAttentionGuidance(io.ComfyNode):
                     "layer", default="m0.0", multiline=False,
                     tooltip="The one self-attention layer whose map makes the mask: 'm0.0' (middle block, first "
                     "transformer; diffusers' choice), 'mid', 'd4', 'u0.1', 'up_blocks.0.attentions.1', "
-                    "'middle.0'. SD3: 'joint.13'; Flux: 'double.7', 'single.20'. Same syntax as PAG's layers; "
+                    "'middle.0'. SD3: 'joint.13'; Flux, Chroma: 'double.7', 'single.20'. Same syntax as PAG's layers; "
                     "a wrong name lists the model's layers.",
                 ),
                 io.Float.Input(

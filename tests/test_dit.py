@@ -12,7 +12,7 @@ import comfy.samplers
 import comfy.supported_models
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,15 +24,16 @@ from attention_guidance.nodes.sag import SelfAttentionGuidance, with_sag_mask_pr
 from attention_guidance.nodes.unet_layout import UnsupportedModelError
 from attention_guidance.sag_core import blur_under_mask
 from support.dit_models import (
-    SD3Twin, build_dit, count_forwards, make_dit_conditioning, noisy_dit_latent, sd3_cfg_reference, sd3_pag_reference,
+    SD3Twin, build_dit, count_forwards, empty_dit_latent, make_dit_conditioning, noisy_dit_latent, sd3_cfg_reference, sd3_pag_reference,
 )
 from support.models import denoise_once, sample, short_of_memory
 
-FAMILIES = ["sd3", "sd35", "flux", "flux2"]
+FAMILIES = ["sd3", "sd35", "flux", "flux2", "chroma", "chroma_radiance"]
 # a block whose joint attention both nodes use, per family (sd35: one with the image-only attn2 too)
-BLOCK = {"sd3": "joint.1", "sd35": "joint.0", "flux": "single.2", "flux2": "double.1"}
+BLOCK = {"sd3": "joint.1", "sd35": "joint.0", "flux": "single.2", "flux2": "double.1", "chroma": "double.1",
+         "chroma_radiance": "single.2"}
 # text tokens the blocks see: the conditioning's 7, padded to 512 by the host for Flux.2 (model_base.Flux2)
-TEXT_TOKENS = {"sd3": 7, "sd35": 7, "flux": 7, "flux2": 512}
+TEXT_TOKENS = {"sd3": 7, "sd35": 7, "flux": 7, "flux2": 512, "chroma": 7, "chroma_radiance": 7}
 
 
 def pag(model, scale=3.0, layers="joint.1", adaptive_scale=0.0, start_percent=0.0, end_percent=1.0, rescale=0.0):
@@ -118,6 +119,13 @@ FLUX_DEV = {
     "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19,
     "depth_single_blocks": 38, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True, "guidance_embed": True,
 }
+# Chroma1-HD (comfy.model_detection's Chroma constants, Flux's block layout)
+CHROMA = {
+    "image_model": "chroma", "in_channels": 64, "out_channels": 64, "patch_size": 2, "context_in_dim": 4096,
+    "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19, "depth_single_blocks": 38,
+    "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True, "in_dim": 64, "out_dim": 3072, "hidden_dim": 5120,
+    "n_layers": 5,
+}
 FULL_SIZE = {
     "sd3_medium": (comfy.supported_models.SD3, comfy.model_base.SD3, SD3_MEDIUM,
                    lambda: SD3Transformer2DModel(num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
@@ -128,6 +136,7 @@ FULL_SIZE = {
                                                   dual_attention_layers=tuple(range(13)))),
     "flux_dev": (comfy.supported_models.Flux, comfy.model_base.Flux, FLUX_DEV,
                  lambda: FluxTransformer2DModel(guidance_embeds=True)),
+    "chroma": (comfy.supported_models.Chroma, comfy.model_base.Chroma, CHROMA, lambda: ChromaTransformer2DModel()),
 }
 
 
@@ -143,13 +152,15 @@ DIT_LAYOUTS = {which: dit_attention_layout(full_size(which)) for which in FULL_S
 
 
 @pytest.mark.parametrize("which", FULL_SIZE)
+@pytest.mark.filterwarnings("ignore:`FluxPosEmbed` is deprecated:FutureWarning")  # inside diffusers' Chroma
 def test_every_block_name_is_a_module_of_the_host_and_of_diffusers(which):
     patcher = full_size(which)
     layout = dit_attention_layout(patcher)
     host_modules = dict(patcher.model.diffusion_model.named_modules())
     with torch.device("meta"):
         diffusers_modules = dict(FULL_SIZE[which][3]().named_modules())
-    expected = {"sd3_medium": {"joint": 24}, "sd35_medium": {"joint": 24}, "flux_dev": {"double": 19, "single": 38}}
+    expected = {"sd3_medium": {"joint": 24}, "sd35_medium": {"joint": 24}, "flux_dev": {"double": 19, "single": 38},
+                "chroma": {"double": 19, "single": 38}}
     assert layout.depths == expected[which]
     for block in layout.sites:
         assert block.host_name in host_modules, block
@@ -232,7 +243,7 @@ def test_a_family_that_cannot_be_patched_is_refused_by_name(node):
         attention_layout(patcher, node)
     message = str(error.value)
     assert node in message and "AuraFlow" in message and "nothing" in message
-    assert all(family in message for family in ("SD1.x", "SDXL", "SD3", "Flux"))
+    assert all(family in message for family in ("SD1.x", "SDXL", "SD3", "Flux", "Chroma"))
     with pytest.raises(UnsupportedModelError):
         (pag if node.startswith("Perturbed") else sag)(patcher)
 
@@ -300,6 +311,10 @@ def test_pag_reaches_the_chosen_blocks_only(monkeypatch, cfg, chunks):
                                         ("single", 0), ("single", 1), ("single", 2, "p"), ("single", 3)]),
         ("flux2", "single.0", [("double", 0), ("double", 1), ("double", 2),
                                ("single", 0, "p"), ("single", 1), ("single", 2), ("single", 3)]),
+        ("chroma", "double.0,single.3", [("double", 0, "p"), ("double", 1), ("double", 2),
+                                         ("single", 0), ("single", 1), ("single", 2), ("single", 3, "p")]),
+        ("chroma_radiance", "single.1", [("double", 0), ("double", 1), ("double", 2),
+                                         ("single", 0), ("single", 1, "p"), ("single", 2), ("single", 3)]),
     ]
     for family, spec, expected in cases:
         positive, negative = make_dit_conditioning(family, batch=1, seed=6)
@@ -339,7 +354,7 @@ def test_sag_records_without_changing_any_attention(family):
         probe = with_sag_mask_probe(sag(foreign, layer=BLOCK[family]), kept.append)
         assert torch.equal(denoise_once(probe, positive, negative, x, sigma, 4.0), plain)
     assert [(c[0], c[1], sorted(c[2])) for c in calls] == plain_calls
-    assert kept[0] is not None and kept[0].shape == (1, 1, 8, 8)
+    assert kept[0] is not None and kept[0].shape == (1, 1, *x.shape[-2:])
 
 
 # --- guidance changes the output, stays finite, keeps rows aligned --------------------------------------
@@ -348,7 +363,7 @@ def test_sag_records_without_changing_any_attention(family):
 def test_guidance_changes_the_sample_and_stays_finite(family):
     model = tiny(family)
     positive, negative = make_dit_conditioning(family, batch=2, seed=8)
-    latent = torch.zeros(2, 16, 8, 10)
+    latent = empty_dit_latent(model, (2, 16, 8, 10))
     block = BLOCK[family]
     plain = sample(model, positive, negative, latent, steps=4, cfg=3.5, seed=3)
     for patched in (pag(model, layers=block), sag(model, layer=block), pag(sag(model, layer=block), layers=block)):
@@ -377,7 +392,7 @@ def test_batch_rows_are_guided_independently(family, node):
 
 @pytest.mark.parametrize("cfg", [4.0, 1.0])
 @pytest.mark.parametrize("node", NODES)
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "chroma", "chroma_radiance"])
 def test_chunked_forwards_give_the_same_result(family, node, cfg, monkeypatch):
     model = tiny(family)
     x, sigma = noisy_dit_latent(model, 0.6, shape=(2, 16, 8, 12))
@@ -415,26 +430,33 @@ def _expected_sag_mask(q, k, heads, text, grid, latent_hw, skip_reshape):
     return torch.nn.functional.interpolate(mask, size=latent_hw, mode="nearest").float()
 
 
-@pytest.mark.parametrize("family, block, call_index", [
-    ("sd3", "joint.2", 2), ("sd35", "joint.0", 0), ("flux", "double.1", 1), ("flux", "single.3", 6),
-    ("flux2", "single.1", 4),
-])
-@pytest.mark.parametrize("latent_hw", [(8, 8), (9, 11)])
+SAG_MASK_BLOCKS = [("sd3", "joint.2", 2), ("sd35", "joint.0", 0), ("flux", "double.1", 1), ("flux", "single.3", 6),
+                   ("flux2", "single.1", 4), ("chroma", "double.2", 2), ("chroma", "single.0", 3),
+                   ("chroma_radiance", "single.1", 4)]
+
+
+# latent sizes (Chroma Radiance takes 8 pixels a latent pixel), and 36x50 pixels, which Chroma Radiance
+# pads to 48x64 (3x4 patches)
+@pytest.mark.parametrize("family, block, call_index, latent_hw",
+                         [(*case, hw) for case in SAG_MASK_BLOCKS for hw in [(8, 8), (9, 11)]]
+                         + [("chroma_radiance", "single.1", 4, "36x50 pixels")])
 def test_sag_mask_is_the_image_key_mass_of_the_chosen_block(family, block, call_index, latent_hw):
     model = tiny(family)
-    x, sigma = noisy_dit_latent(model, 0.5, shape=(1, 16, *latent_hw))
+    pixels = (36, 50) if isinstance(latent_hw, str) else None
+    x, sigma = noisy_dit_latent(model, 0.5, shape=(1, 16, 8, 8) if pixels else (1, 16, *latent_hw), pixels=pixels)
+    hw = tuple(x.shape[-2:])
     positive, negative = make_dit_conditioning(family, batch=1, seed=12)
     with foreign_override(model) as (foreign, calls):
         mask = sag_mask_at(sag(foreign, layer=block), positive, negative, x, sigma, 4.0)
     call = calls[call_index]  # the probe runs the sampler's one forward, [cond, uncond]
     _, _, chunks, q, k = call
     rows = slice(chunks.index(1), chunks.index(1) + 1)  # the uncond row: SAG's reference under CFG
-    patch = 1 if family == "flux2" else 2
-    grid = ((latent_hw[0] + patch - 1) // patch, (latent_hw[1] + patch - 1) // patch)
-    flux = family.startswith("flux")
+    patch = {"flux2": 1, "chroma_radiance": 16}.get(family, 2)
+    grid = ((hw[0] + patch - 1) // patch, (hw[1] + patch - 1) // patch)
+    flux = not family.startswith("sd3")
     heads = 2 if flux else 4
-    expected = _expected_sag_mask(q[rows], k[rows], heads, TEXT_TOKENS[family], grid, latent_hw, skip_reshape=flux)
-    assert mask.shape == (1, 1, *latent_hw)
+    expected = _expected_sag_mask(q[rows], k[rows], heads, TEXT_TOKENS[family], grid, hw, skip_reshape=flux)
+    assert mask.shape == (1, 1, *hw)
     assert 0 < mask.mean() < 1
     assert torch.equal(mask, expected)
 

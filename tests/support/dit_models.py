@@ -12,6 +12,10 @@ Families (see ``DIT_CONFIGS``):
   Flux.1-dev style), 3 double and 4 single blocks, 2 heads of 32 channels.
 - ``flux2``: the same blocks in ``comfy.supported_models.Flux2`` / ``comfy.model_base.Flux2``'s layout
   (patch size 1, 128 latent channels, shared modulation; the host pads the text to 512 tokens).
+- ``chroma``: ``comfy.supported_models.Chroma`` + ``comfy.model_base.Chroma``: Flux's double and single
+  blocks (3 and 4, 2 heads of 32 channels) modulated by one approximator, T5 text only.
+- ``chroma_radiance``: the same in pixel space (``ChromaRadiance``): 3 channels in 16x16 patches, each
+  decoded by a small NeRF-style MLP; ``noisy_dit_latent`` gives it 8 pixels per latent pixel.
 
 Weights are random but fixed by ``seed`` (``support.models.initialise_weights``; the MMDiT's
 ``pos_embed`` buffer gets the same treatment); fp32 on the CPU. One forward at an 8x8 latent
@@ -41,7 +45,7 @@ from attention_guidance.nodes.attention_sites import chunk_ids
 
 from .models import initialise_weights
 
-DIT_FAMILIES = ("sd3", "sd35", "flux", "flux2")
+DIT_FAMILIES = ("sd3", "sd35", "flux", "flux2", "chroma", "chroma_radiance")
 
 CONTEXT_DIM = 48  # text encoder width fed to the model (T5/CLIP features in the real ones)
 POOLED_DIM = 32  # pooled text vector (CLIP-L + CLIP-G for SD3, CLIP-L for Flux)
@@ -101,11 +105,49 @@ DIT_CONFIGS["flux2"] = {
     "default_ref_method": "index",
     "ref_index_scale": 10.0,
 }
+DIT_CONFIGS["chroma"] = {
+    # Chroma (comfy.model_detection, 0.3.75): Flux's blocks without their own modulation; one
+    # approximator makes every block's modulation from the timestep (its output is the hidden size)
+    "image_model": "chroma",
+    "in_channels": 64,  # 16 latent channels in 2x2 patches
+    "out_channels": 64,
+    "patch_size": 2,
+    "context_in_dim": CONTEXT_DIM,
+    "hidden_size": 64,
+    "mlp_ratio": 4.0,
+    "num_heads": 2,
+    "depth": 3,
+    "depth_single_blocks": 4,
+    "axes_dim": [8, 12, 12],
+    "theta": 10000,
+    "qkv_bias": True,
+    "in_dim": 64,
+    "out_dim": 64,
+    "hidden_dim": 64,
+    "n_layers": 2,
+}
+DIT_CONFIGS["chroma_radiance"] = {
+    # pixel space: 3 channels in 16x16 patches, decoded per patch by a small NeRF-style MLP
+    **DIT_CONFIGS["chroma"],
+    "image_model": "chroma_radiance",
+    "in_channels": 3,
+    "out_channels": 3,
+    "patch_size": 16,
+    "nerf_hidden_size": 16,
+    "nerf_mlp_ratio": 2,
+    "nerf_depth": 2,
+    "nerf_max_freqs": 4,
+    "nerf_tile_size": 512,
+    "nerf_final_head_type": "linear",
+    "nerf_embedder_dtype": torch.float32,
+}
 _MODEL_CLASSES = {
     "sd3": (comfy.supported_models.SD3, comfy.model_base.SD3),
     "sd35": (comfy.supported_models.SD3, comfy.model_base.SD3),
     "flux": (comfy.supported_models.Flux, comfy.model_base.Flux),
     "flux2": (comfy.supported_models.Flux2, comfy.model_base.Flux2),
+    "chroma": (comfy.supported_models.Chroma, comfy.model_base.Chroma),
+    "chroma_radiance": (comfy.supported_models.ChromaRadiance, comfy.model_base.ChromaRadiance),
 }
 
 
@@ -129,6 +171,13 @@ def build_dit(family: str, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
         generator = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
             diffusion_model.pos_embed.copy_(torch.randn(diffusion_model.pos_embed.shape, generator=generator) * 0.5)
+    if family == "chroma_radiance":
+        # Its NeRF head adds each pixel's own embedding to the MLP the transformer's state makes; at random
+        # weights the embedding drowns the transformer (CFG would move the prediction by 1e-4). Scaled down,
+        # the prediction follows the transformer, as a trained model's does.
+        with torch.no_grad():
+            for param in diffusion_model.nerf_image_embedder.parameters():
+                param.mul_(0.01)
     model.tiny_family = family
     return comfy.model_patcher.ModelPatcher(
         model, load_device=comfy.model_management.get_torch_device(), offload_device=device
@@ -155,16 +204,31 @@ def make_dit_conditioning(family: str, batch: int = 1, seed: int = 0, tokens: in
     return positive, negative
 
 
-def noisy_dit_latent(patcher, sigma: float, shape=(1, 16, 8, 8), seed: int = 1):
+# Pixel-space families take images where the others take latents: 8 pixels a latent pixel, as with the
+# latent families' VAEs, so that a test's latent size gives every family about the same token grid.
+PIXELS_PER_LATENT = {"chroma_radiance": 8}
+
+
+def noisy_dit_latent(patcher, sigma: float, shape=(1, 16, 8, 8), seed: int = 1, pixels=None):
     """A latent at noise level ``sigma`` in the host's flow coordinates, ``(1 - sigma) x0 + sigma eps``;
-    ``shape[1]`` is replaced by the model's latent channels."""
+    ``shape[1]`` is replaced by the model's latent channels, and on a pixel-space model the size is
+    ``PIXELS_PER_LATENT`` times ``shape``'s, or ``pixels`` (height, width) when given."""
     sampling = patcher.get_model_object("model_sampling")
-    shape = (shape[0], patcher.model.model_config.unet_config["in_channels"], *shape[2:])
+    scale = PIXELS_PER_LATENT.get(getattr(patcher.model, "tiny_family", None), 1)
+    size = pixels if pixels is not None and scale > 1 else tuple(side * scale for side in shape[2:])
+    shape = (shape[0], patcher.model.latent_format.latent_channels, *size)
     sigma = torch.tensor([float(sigma)])
     generator = torch.Generator().manual_seed(seed)
     x0 = torch.randn(shape, generator=generator)
     noise = torch.randn(shape, generator=generator)
     return sampling.noise_scaling(sigma, noise, x0), sigma
+
+
+def empty_dit_latent(patcher, shape) -> torch.Tensor:
+    """Zeros of ``shape`` (batch, channels, latent height, width) in the model's latent channels and,
+    on a pixel-space model, its pixels (``PIXELS_PER_LATENT``): an empty latent for the sampler."""
+    scale = PIXELS_PER_LATENT.get(getattr(patcher.model, "tiny_family", None), 1)
+    return torch.zeros(shape[0], patcher.model.latent_format.latent_channels, *(side * scale for side in shape[2:]))
 
 
 @dataclasses.dataclass(frozen=True)
