@@ -25,7 +25,7 @@ DiT models (SD3's MMDiT, Flux) have transformer blocks instead: ``DiTLayout`` at
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _DIFFUSERS_PATH = {"input": "down_blocks", "middle": "mid_block", "output": "up_blocks"}
 _INDEX_LETTER = {"input": "d", "middle": "m", "output": "u"}
@@ -201,8 +201,12 @@ class AttentionLayout:
 #
 #   kind    short name  host module (ComfyUI)  diffusers module                    models
 #   joint   joint.13    joint_blocks.13        transformer_blocks.13(.attn)        SD3 / SD3.5 (MMDiT)
-#   double  double.7    double_blocks.7        transformer_blocks.7(.attn)         Flux
-#   single  single.20   single_blocks.20       single_transformer_blocks.20(.attn) Flux
+#   double  double.7    double_blocks.7        transformer_blocks.7(.attn)         Flux, Chroma
+#   single  single.20   single_blocks.20       single_transformer_blocks.20(.attn) Flux, Chroma
+#   double  double.30   transformer_blocks.30  transformer_blocks.30(.attn)        Qwen-Image
+#
+# (Flux and Chroma call their dual-stream blocks double_blocks; Qwen-Image's are the same kind of block,
+# which the host names "double" too, under transformer_blocks: a layout can give a kind another host path.)
 #
 # Accepted entries: a short name, a range of one kind (``single.0-9``), a kind alone (every block of
 # it), or a module path matched on whole dot-separated components of the host or diffusers name, as
@@ -223,6 +227,8 @@ class DiTBlock:
 
     kind: str  # "joint" | "double" | "single"
     index: int
+    # the host's module list where it is not the kind's usual one; not part of the block's identity
+    host_path: str | None = field(default=None, compare=False)
 
     @property
     def index_name(self) -> str:
@@ -230,7 +236,7 @@ class DiTBlock:
 
     @property
     def host_name(self) -> str:
-        return f"{_DIT_HOST_PATH[self.kind]}.{self.index}"
+        return f"{self.host_path or _DIT_HOST_PATH[self.kind]}.{self.index}"
 
     @property
     def diffusers_name(self) -> str:
@@ -243,15 +249,19 @@ class DiTLayout:
     ``family`` names the model in messages (e.g. "SD3", "Flux"); ``architecture`` is the node's key for
     how to reach the blocks ("mmdit" or "flux"); ``depths`` maps each kind to its block count, in
     forward order; ``notes`` adds a line per kind to ``describe`` (e.g. which blocks have a second,
-    image-only self-attention).
+    image-only self-attention); ``host_paths`` gives a kind's host module list where it is not the usual
+    one (Qwen-Image's double blocks are its ``transformer_blocks``).
     """
 
-    def __init__(self, family: str, architecture: str, depths: dict[str, int], notes: dict[str, str] | None = None):
+    def __init__(self, family: str, architecture: str, depths: dict[str, int], notes: dict[str, str] | None = None,
+                 host_paths: dict[str, str] | None = None):
         self.family = family
         self.architecture = architecture
         self.depths = dict(depths)
         self.notes = dict(notes or {})
-        self.sites: list[DiTBlock] = [DiTBlock(kind, i) for kind, n in self.depths.items() for i in range(n)]
+        self.host_paths = {kind: (host_paths or {}).get(kind, _DIT_HOST_PATH[kind]) for kind in self.depths}
+        self.sites: list[DiTBlock] = [DiTBlock(kind, i, self.host_paths[kind])
+                                      for kind, n in self.depths.items() for i in range(n)]
 
     def describe(self) -> str:
         """The blocks of this model in all three spellings, one kind per line."""
@@ -261,7 +271,7 @@ class DiTLayout:
                 continue
             indices = "0" if n == 1 else f"0-{n - 1}"
             line = (f"  {kind}.{indices} = {_DIT_DIFFUSERS_PATH[kind]}.{indices} "
-                    f"(host {_DIT_HOST_PATH[kind]}.{indices})")
+                    f"(host {self.host_paths[kind]}.{indices})")
             if kind in self.notes:
                 line += f"; {self.notes[kind]}"
             lines.append(line)

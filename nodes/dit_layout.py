@@ -1,18 +1,20 @@
 """Which model family a node was given: the attention layout of every family the pack patches (UNets,
-SD3's MMDiT, Flux and Chroma), and a refusal naming the family and what is supported for every other one."""
+SD3's MMDiT, Flux, Chroma and Qwen-Image), and a refusal naming the family and what is supported for every
+other one."""
 from __future__ import annotations
 
 from comfy.ldm.chroma.model import Chroma
 from comfy.ldm.flux.model import Flux
 from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
 
 from ..guidance_core.layer_spec import AttentionLayout, DiTLayout
 from .unet_layout import UnsupportedModelError, model_family, unet_attention_layout
 
 SUPPORTED_FAMILIES = (
     "SD1.x, SD2.x and SDXL-style UNets; SD3 / SD3.5 (MMDiT); Flux.1 dev / schnell / Kontext / Fill and "
-    "Flux.2 (Flux); Chroma and Chroma Radiance"
+    "Flux.2 (Flux); Chroma and Chroma Radiance; Qwen-Image and Qwen-Image-Edit"
 )
 
 
@@ -42,6 +44,12 @@ def dit_attention_layout(model) -> DiTLayout | None:
             return None  # not Flux's layout (image before text, or no double block to read the text length at)
         return DiTLayout(family, "flux", {"double": len(diffusion_model.double_blocks),
                                           "single": len(diffusion_model.single_blocks)})
+    # Qwen-Image (comfy/ldm/qwen_image/model.py) marks its dual-stream transformer_blocks as Flux marks its
+    # double blocks (block_type "double", block_index, ("double_block", i) replacements with the text
+    # stream) and attends over cat(text, image) in each; edit models append reference latents' tokens
+    if isinstance(diffusion_model, QwenImageTransformer2DModel) and len(diffusion_model.transformer_blocks):
+        return DiTLayout(family, "flux", {"double": len(diffusion_model.transformer_blocks)},
+                         host_paths={"double": "transformer_blocks"})
     return None
 
 

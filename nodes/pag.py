@@ -44,8 +44,8 @@ class PerturbedAttentionGuidance(io.ComfyNode):
                         "Self-attention layers to perturb, comma-separated: 'mid', 'down_blocks.2', "
                         "'up_blocks.0.attentions.1' (diffusers), 'm0', 'u0.4', 'd2.2-9' (paper / "
                         "sd-perturbed-attention index), 'middle.0' (host block). SD3: 'joint.13' or "
-                        "'transformer_blocks.13'; Flux, Chroma: 'double.7', 'single.20', 'single.0-9'. "
-                        "A wrong name lists the model's layers."
+                        "'transformer_blocks.13'; Flux, Chroma: 'double.7', 'single.20', 'single.0-9'; "
+                        "Qwen-Image: 'double.30'. A wrong name lists the model's layers."
                     ),
                 ),
                 io.Float.Input(

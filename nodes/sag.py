@@ -8,7 +8,7 @@ One step, as the patch runs it inside the host's sampler:
    the host skips the uncond at CFG 1. The site's output is whatever the site computed before
    (the host's attention or another patch's), untouched. Every forward the host splits the batch
    into records its own entries, keyed by the entry's uuid, on the layer's real token grid
-   (``activations_shape``). On a DiT (SD3, Flux, Chroma) the site is a transformer block and the map is that
+   (``activations_shape``). On a DiT (SD3, Flux, Chroma, Qwen-Image) the site is a transformer block and the map is that
    of its image tokens (``dit_handlers.key_mass_recorder``).
 2. The post-CFG function combines the recorded maps of the reference branch in latent space the
    way the host combines that branch's predictions (entry area and mult), thresholds it, blurs the
@@ -174,6 +174,16 @@ def sag_latent_mask(mass_map: torch.Tensor, threshold: float) -> torch.Tensor:
     return sag_mask(mass_map.flatten(1), tuple(mass_map.shape[-2:]), threshold)
 
 
+def single_frame(latent: torch.Tensor) -> torch.Tensor:
+    """The ``[B, C, H, W]`` image of a latent: itself, or the one frame of a latent with a time axis
+    (Qwen-Image's Wan 2.1 latent is ``[B, C, 1, H, W]``). SAG's mask and blur work on that image."""
+    if latent.ndim == 5 and latent.shape[2] == 1:
+        return latent[:, :, 0]
+    if latent.ndim != 4:
+        raise ValueError(f"Self-Attention Guidance works on image latents; this one has shape {tuple(latent.shape)}.")
+    return latent
+
+
 def renoise(model_sampling, sigma, x, x0_ref, degraded_x0):
     """``degraded_x0`` noised with the noise of ``x`` (relative to ``x0_ref``), in the model's own parameterisation.
 
@@ -220,8 +230,8 @@ class SelfAttentionGuidance(io.ComfyNode):
                     "layer", default="m0.0", multiline=False,
                     tooltip="The one self-attention layer whose map makes the mask: 'm0.0' (middle block, first "
                     "transformer; diffusers' choice), 'mid', 'd4', 'u0.1', 'up_blocks.0.attentions.1', "
-                    "'middle.0'. SD3: 'joint.13'; Flux, Chroma: 'double.7', 'single.20'. Same syntax as PAG's layers; "
-                    "a wrong name lists the model's layers.",
+                    "'middle.0'. SD3: 'joint.13'; Flux, Chroma: 'double.7', 'single.20'; Qwen-Image: 'double.30'. "
+                    "Same syntax as PAG's layers; a wrong name lists the model's layers.",
                 ),
                 io.Float.Input(
                     "start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
@@ -277,14 +287,14 @@ class SelfAttentionGuidance(io.ComfyNode):
 
         def reference_mask(args, ref_conds):
             x, sigma = args["input"], args["sigma"]
-            mass_map = reference_mass_map(records, ref_conds, x, sigma)
+            mass_map = reference_mass_map(records, ref_conds, single_frame(x), sigma)
             if mass_map is None:
                 # The main call was not ours to tag (another guider's layout, context windows): record
                 # the reference branch in a pass of its own.
                 records.clear()
                 options = with_guidance_options(args["model_options"], extra_pass=True, **{RECORD: {instance: 0}})
                 comfy.samplers.calc_cond_batch(args["model"], [ref_conds], x, sigma, options)
-                mass_map = reference_mass_map(records, ref_conds, x, sigma)
+                mass_map = reference_mass_map(records, ref_conds, single_frame(x), sigma)
             if mass_map is None:
                 return None
             return sag_latent_mask(mass_map, threshold)
@@ -315,7 +325,7 @@ class SelfAttentionGuidance(io.ComfyNode):
                     return args["denoised"]
                 x = args["input"]
                 with torch.profiler.record_function("attention_guidance.sag_blur"):
-                    degraded = blur_under_mask(x0_ref, mask, kernel_size, blur_sigma)
+                    degraded = blur_under_mask(single_frame(x0_ref), mask, kernel_size, blur_sigma).reshape(x0_ref.shape)
                     x_degraded = renoise(args["model"].model_sampling, args["sigma"], x, x0_ref, degraded)
                 options = with_guidance_options(args["model_options"], extra_pass=True)
                 with torch.profiler.record_function("attention_guidance.sag_degraded_pass"):

@@ -12,7 +12,7 @@ import comfy.samplers
 import comfy.supported_models
 import pytest
 import torch
-from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel, QwenImageTransformer2DModel, SD3Transformer2DModel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -28,12 +28,12 @@ from support.dit_models import (
 )
 from support.models import denoise_once, sample, short_of_memory
 
-FAMILIES = ["sd3", "sd35", "flux", "flux2", "chroma", "chroma_radiance"]
+FAMILIES = ["sd3", "sd35", "flux", "flux2", "chroma", "chroma_radiance", "qwen_image"]
 # a block whose joint attention both nodes use, per family (sd35: one with the image-only attn2 too)
 BLOCK = {"sd3": "joint.1", "sd35": "joint.0", "flux": "single.2", "flux2": "double.1", "chroma": "double.1",
-         "chroma_radiance": "single.2"}
+         "chroma_radiance": "single.2", "qwen_image": "double.1"}
 # text tokens the blocks see: the conditioning's 7, padded to 512 by the host for Flux.2 (model_base.Flux2)
-TEXT_TOKENS = {"sd3": 7, "sd35": 7, "flux": 7, "flux2": 512, "chroma": 7, "chroma_radiance": 7}
+TEXT_TOKENS = {"sd3": 7, "sd35": 7, "flux": 7, "flux2": 512, "chroma": 7, "chroma_radiance": 7, "qwen_image": 7}
 
 
 def pag(model, scale=3.0, layers="joint.1", adaptive_scale=0.0, start_percent=0.0, end_percent=1.0, rescale=0.0):
@@ -126,6 +126,10 @@ CHROMA = {
     "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True, "in_dim": 64, "out_dim": 3072, "hidden_dim": 5120,
     "n_layers": 5,
 }
+QWEN_IMAGE = {
+    "image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 60,
+    "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 3584, "axes_dims_rope": (16, 56, 56),
+}
 FULL_SIZE = {
     "sd3_medium": (comfy.supported_models.SD3, comfy.model_base.SD3, SD3_MEDIUM,
                    lambda: SD3Transformer2DModel(num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
@@ -137,6 +141,8 @@ FULL_SIZE = {
     "flux_dev": (comfy.supported_models.Flux, comfy.model_base.Flux, FLUX_DEV,
                  lambda: FluxTransformer2DModel(guidance_embeds=True)),
     "chroma": (comfy.supported_models.Chroma, comfy.model_base.Chroma, CHROMA, lambda: ChromaTransformer2DModel()),
+    "qwen_image": (comfy.supported_models.QwenImage, comfy.model_base.QwenImage, QWEN_IMAGE,
+                   lambda: QwenImageTransformer2DModel()),
 }
 
 
@@ -160,7 +166,7 @@ def test_every_block_name_is_a_module_of_the_host_and_of_diffusers(which):
     with torch.device("meta"):
         diffusers_modules = dict(FULL_SIZE[which][3]().named_modules())
     expected = {"sd3_medium": {"joint": 24}, "sd35_medium": {"joint": 24}, "flux_dev": {"double": 19, "single": 38},
-                "chroma": {"double": 19, "single": 38}}
+                "chroma": {"double": 19, "single": 38}, "qwen_image": {"double": 60}}
     assert layout.depths == expected[which]
     for block in layout.sites:
         assert block.host_name in host_modules, block
@@ -182,9 +188,19 @@ def test_every_block_name_is_a_module_of_the_host_and_of_diffusers(which):
     ("flux_dev", "single_blocks.20,double_blocks.0", ["double.0", "single.20"]),
     ("flux_dev", "blocks.3", ["double.3", "single.3"]),
     ("flux_dev", "single.36-37", ["single.36", "single.37"]),
+    ("qwen_image", "double.30", ["double.30"]),
+    ("qwen_image", "transformer_blocks.30", ["double.30"]),  # the host's and diffusers' name
+    ("qwen_image", "blocks.3, double.58-59", ["double.3", "double.58", "double.59"]),
 ])
 def test_block_specs(which, spec, expected):
     assert [b.index_name for b in DIT_LAYOUTS[which].select(spec)] == expected
+
+
+def test_qwen_image_blocks_are_listed_under_the_hosts_module_name():
+    # Qwen-Image's double blocks are the host's transformer_blocks, not Flux's double_blocks
+    assert DIT_LAYOUTS["qwen_image"].describe() == "  double.0-59 = transformer_blocks.0-59 (host transformer_blocks.0-59)"
+    with pytest.raises(LayerSpecError, match="double_blocks.7"):
+        DIT_LAYOUTS["qwen_image"].select("double_blocks.7")
 
 
 spec_alphabet = st.sampled_from(list("0123456789.-, _") + ["joint", "double", "single", "blocks", "transformer_",
@@ -243,7 +259,7 @@ def test_a_family_that_cannot_be_patched_is_refused_by_name(node):
         attention_layout(patcher, node)
     message = str(error.value)
     assert node in message and "AuraFlow" in message and "nothing" in message
-    assert all(family in message for family in ("SD1.x", "SDXL", "SD3", "Flux", "Chroma"))
+    assert all(family in message for family in ("SD1.x", "SDXL", "SD3", "Flux", "Chroma", "Qwen-Image"))
     with pytest.raises(UnsupportedModelError):
         (pag if node.startswith("Perturbed") else sag)(patcher)
 
@@ -315,6 +331,7 @@ def test_pag_reaches_the_chosen_blocks_only(monkeypatch, cfg, chunks):
                                          ("single", 0), ("single", 1), ("single", 2), ("single", 3, "p")]),
         ("chroma_radiance", "single.1", [("double", 0), ("double", 1), ("double", 2),
                                          ("single", 0), ("single", 1, "p"), ("single", 2), ("single", 3)]),
+        ("qwen_image", "double.1", [("double", 0), ("double", 1, "p"), ("double", 2)]),
     ]
     for family, spec, expected in cases:
         positive, negative = make_dit_conditioning(family, batch=1, seed=6)
@@ -392,7 +409,7 @@ def test_batch_rows_are_guided_independently(family, node):
 
 @pytest.mark.parametrize("cfg", [4.0, 1.0])
 @pytest.mark.parametrize("node", NODES)
-@pytest.mark.parametrize("family", ["sd3", "flux", "chroma", "chroma_radiance"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "chroma", "chroma_radiance", "qwen_image"])
 def test_chunked_forwards_give_the_same_result(family, node, cfg, monkeypatch):
     model = tiny(family)
     x, sigma = noisy_dit_latent(model, 0.6, shape=(2, 16, 8, 12))
@@ -432,7 +449,7 @@ def _expected_sag_mask(q, k, heads, text, grid, latent_hw, skip_reshape):
 
 SAG_MASK_BLOCKS = [("sd3", "joint.2", 2), ("sd35", "joint.0", 0), ("flux", "double.1", 1), ("flux", "single.3", 6),
                    ("flux2", "single.1", 4), ("chroma", "double.2", 2), ("chroma", "single.0", 3),
-                   ("chroma_radiance", "single.1", 4)]
+                   ("chroma_radiance", "single.1", 4), ("qwen_image", "double.2", 2)]
 
 
 # latent sizes (Chroma Radiance takes 8 pixels a latent pixel), and 36x50 pixels, which Chroma Radiance
@@ -507,20 +524,23 @@ def test_pag_and_sag_on_the_same_block_both_act(family):
                    base + (first - base) + (other - base)) < 1e-4
 
 
-def test_flux_with_kontext_reference_latents():
+@pytest.mark.parametrize("family, pag_blocks, sag_block", [("flux", "double.1,single.0", "single.1"),
+                                                       ("qwen_image", "double.0,double.2", "double.1")])
+def test_reference_latents_of_flux_kontext_and_qwen_image_edit(family, pag_blocks, sag_block):
     # Reference latents add image tokens after the generated image's: PAG perturbs them with it, SAG's
     # grid is the generated image's own.
-    model = tiny("flux")
-    positive, negative = make_dit_conditioning("flux", batch=1, seed=15)
-    reference = torch.randn(1, 16, 6, 6, generator=torch.Generator().manual_seed(16))
+    model = tiny(family)
+    positive, negative = make_dit_conditioning(family, batch=1, seed=15)
+    reference_shape = empty_dit_latent(model, (1, 16, 6, 6)).shape
+    reference = torch.randn(reference_shape, generator=torch.Generator().manual_seed(16))
     with_reference = [[positive[0][0], {**positive[0][1], "reference_latents": [reference]}]]
     x, sigma = noisy_dit_latent(model, 0.6, shape=(1, 16, 8, 10))
     plain = denoise_once(model, with_reference, negative, x, sigma, 3.0)
     assert rel_err(plain, denoise_once(model, positive, negative, x, sigma, 3.0)) > 1e-3  # the reference is used
-    for patched in (pag(model, layers="double.1,single.0"), sag(model, layer="single.1")):
+    for patched in (pag(model, layers=pag_blocks), sag(model, layer=sag_block)):
         out = denoise_once(patched, with_reference, negative, x, sigma, 3.0)
         assert torch.isfinite(out).all() and rel_err(out, plain) > 1e-3
-    mask = sag_mask_at(sag(model, layer="single.1"), positive, with_reference, x, sigma, 3.0)
+    mask = sag_mask_at(sag(model, layer=sag_block), positive, with_reference, x, sigma, 3.0)
     assert mask.shape == (1, 1, 8, 10)
 
 

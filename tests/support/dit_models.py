@@ -16,6 +16,8 @@ Families (see ``DIT_CONFIGS``):
   blocks (3 and 4, 2 heads of 32 channels) modulated by one approximator, T5 text only.
 - ``chroma_radiance``: the same in pixel space (``ChromaRadiance``): 3 channels in 16x16 patches, each
   decoded by a small NeRF-style MLP; ``noisy_dit_latent`` gives it 8 pixels per latent pixel.
+- ``qwen_image``: ``comfy.supported_models.QwenImage`` + ``comfy.model_base.QwenImage``: 3 dual-stream
+  blocks (2 heads of 32 channels) on a Wan 2.1 latent, ``[B, 16, 1, H, W]``.
 
 Weights are random but fixed by ``seed`` (``support.models.initialise_weights``; the MMDiT's
 ``pos_embed`` buffer gets the same treatment); fp32 on the CPU. One forward at an 8x8 latent
@@ -45,7 +47,7 @@ from attention_guidance.nodes.attention_sites import chunk_ids
 
 from .models import initialise_weights
 
-DIT_FAMILIES = ("sd3", "sd35", "flux", "flux2", "chroma", "chroma_radiance")
+DIT_FAMILIES = ("sd3", "sd35", "flux", "flux2", "chroma", "chroma_radiance", "qwen_image")
 
 CONTEXT_DIM = 48  # text encoder width fed to the model (T5/CLIP features in the real ones)
 POOLED_DIM = 32  # pooled text vector (CLIP-L + CLIP-G for SD3, CLIP-L for Flux)
@@ -141,6 +143,19 @@ DIT_CONFIGS["chroma_radiance"] = {
     "nerf_final_head_type": "linear",
     "nerf_embedder_dtype": torch.float32,
 }
+DIT_CONFIGS["qwen_image"] = {
+    # Qwen-Image's dual-stream blocks (3 of them, 2 heads of 32 channels) on the Wan 2.1 latent
+    # (16 channels, a time axis of 1), in 2x2 patches
+    "image_model": "qwen_image",
+    "patch_size": 2,
+    "in_channels": 64,
+    "out_channels": 16,
+    "num_layers": 3,
+    "attention_head_dim": 32,
+    "num_attention_heads": 2,
+    "joint_attention_dim": CONTEXT_DIM,
+    "axes_dims_rope": (8, 12, 12),
+}
 _MODEL_CLASSES = {
     "sd3": (comfy.supported_models.SD3, comfy.model_base.SD3),
     "sd35": (comfy.supported_models.SD3, comfy.model_base.SD3),
@@ -148,6 +163,7 @@ _MODEL_CLASSES = {
     "flux2": (comfy.supported_models.Flux2, comfy.model_base.Flux2),
     "chroma": (comfy.supported_models.Chroma, comfy.model_base.Chroma),
     "chroma_radiance": (comfy.supported_models.ChromaRadiance, comfy.model_base.ChromaRadiance),
+    "qwen_image": (comfy.supported_models.QwenImage, comfy.model_base.QwenImage),
 }
 
 
@@ -216,7 +232,7 @@ def noisy_dit_latent(patcher, sigma: float, shape=(1, 16, 8, 8), seed: int = 1, 
     sampling = patcher.get_model_object("model_sampling")
     scale = PIXELS_PER_LATENT.get(getattr(patcher.model, "tiny_family", None), 1)
     size = pixels if pixels is not None and scale > 1 else tuple(side * scale for side in shape[2:])
-    shape = (shape[0], patcher.model.latent_format.latent_channels, *size)
+    shape = (shape[0], patcher.model.latent_format.latent_channels, *_time_axis(patcher), *size)
     sigma = torch.tensor([float(sigma)])
     generator = torch.Generator().manual_seed(seed)
     x0 = torch.randn(shape, generator=generator)
@@ -228,7 +244,13 @@ def empty_dit_latent(patcher, shape) -> torch.Tensor:
     """Zeros of ``shape`` (batch, channels, latent height, width) in the model's latent channels and,
     on a pixel-space model, its pixels (``PIXELS_PER_LATENT``): an empty latent for the sampler."""
     scale = PIXELS_PER_LATENT.get(getattr(patcher.model, "tiny_family", None), 1)
-    return torch.zeros(shape[0], patcher.model.latent_format.latent_channels, *(side * scale for side in shape[2:]))
+    return torch.zeros(shape[0], patcher.model.latent_format.latent_channels, *_time_axis(patcher),
+                       *(side * scale for side in shape[2:]))
+
+
+def _time_axis(patcher) -> tuple:
+    """(1,) for a model whose latents have a time axis (Qwen-Image's Wan 2.1 latent: [B, C, 1, H, W])."""
+    return (1,) if getattr(patcher.model.latent_format, "latent_dimensions", 2) == 3 else ()
 
 
 @dataclasses.dataclass(frozen=True)
