@@ -108,21 +108,13 @@ DIT_CONFIGS["flux2"] = {
     "ref_index_scale": 10.0,
 }
 DIT_CONFIGS["chroma"] = {
-    # Chroma (comfy.model_detection, 0.3.75): Flux's blocks without their own modulation; one
-    # approximator makes every block's modulation from the timestep (its output is the hidden size)
+    # Chroma (comfy.model_detection, 0.3.75): Flux's blocks without their own modulation (no pooled vector,
+    # no guidance embedding); one approximator makes every block's modulation from the timestep (its
+    # output is the hidden size)
+    **{key: value for key, value in DIT_CONFIGS["flux"].items() if key not in ("vec_in_dim", "guidance_embed")},
     "image_model": "chroma",
     "in_channels": 64,  # 16 latent channels in 2x2 patches
     "out_channels": 64,
-    "patch_size": 2,
-    "context_in_dim": CONTEXT_DIM,
-    "hidden_size": 64,
-    "mlp_ratio": 4.0,
-    "num_heads": 2,
-    "depth": 3,
-    "depth_single_blocks": 4,
-    "axes_dim": [8, 12, 12],
-    "theta": 10000,
-    "qkv_bias": True,
     "in_dim": 64,
     "out_dim": 64,
     "hidden_dim": 64,
