@@ -8,8 +8,8 @@ One step, as the patch runs it inside the host's sampler:
    the host skips the uncond at CFG 1. The site's output is whatever the site computed before
    (the host's attention or another patch's), untouched. Every forward the host splits the batch
    into records its own entries, keyed by the entry's uuid, on the layer's real token grid
-   (``activations_shape``). On a DiT (SD3, Flux, Chroma, Qwen-Image) the site is a transformer block and the map is that
-   of its image tokens (``dit_handlers.key_mass_recorder``).
+   (``activations_shape``). On a DiT (SD3, Flux, Chroma, Qwen-Image) the site is a transformer block
+   and the map is that of its image tokens (``dit_handlers.key_mass_recorder``).
 2. The post-CFG function combines the recorded maps of the reference branch in latent space the
    way the host combines that branch's predictions (entry area and mult), thresholds it, blurs the
    reference x0 under the mask, re-noises it with the reference's own noise through the model's
