@@ -1,6 +1,8 @@
 """What PAG and SAG do inside a chosen DiT block (see dit_attention for how they get there)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..guidance_core.rows import chunk_rows
@@ -10,15 +12,17 @@ from .attention_sites import guidance_options
 from .dit_attention import DiTAttention
 
 
-def perturbed_attention_handler(instance: str):
+def perturbed_attention_handler(instance: str, perturbing: Callable[[], None]):
     """PAG: the rows of the chunk tagged for ``instance`` get diffusers' SD3 PAG attention (each image
     token attends to itself and the text, text tokens to everything; ``joint_identity_attention``); every
-    other row gets the attention it would have had."""
+    other row gets the attention it would have had. ``perturbing()`` is called whenever it computes them."""
 
     def handler(call: DiTAttention):
         cond_id = guidance_options(call.options).get("perturbed", {}).get(instance)
         if cond_id is None or cond_id not in call.chunks:
             return call.run()
+
+        perturbing()
 
         def perturbed(part: DiTAttention):
             out = joint_identity_attention(part.q_heads(), part.k_heads(), part.v_heads(), part.text_tokens, part.mask)

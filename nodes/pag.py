@@ -1,6 +1,7 @@
 """Perturbed-Attention Guidance (Ahn et al., arXiv 2403.17377) as a MODEL patch."""
 from __future__ import annotations
 
+import logging
 import uuid
 
 from comfy_api.latest import io
@@ -12,7 +13,7 @@ from ..pag_core import adaptive_pag_scale, identity_attention, pag_guided, resca
 from .attention_sites import (
     chunk_ids, guidance_options, install_site_handler, options_for_chunks, require_own_queries,
 )
-from .batched_pass import add_batched_positive_copy
+from .batched_pass import add_batched_positive_copy, clear_after_sampling
 from .dit_attention import install_dit_handler
 from .dit_handlers import perturbed_attention_handler
 from .dit_layout import attention_layout
@@ -93,6 +94,13 @@ class PerturbedAttentionGuidance(io.ComfyNode):
         watch = PostCfgWatch(m, "Perturbed-Attention Guidance")
         perturbed_x0 = add_batched_positive_copy(m, instance, lambda base_model, sigma: scale_at(base_model, sigma) > 0.0,
                                                  watch)
+        # this run: "reached" once a chosen layer computed the perturbed rows, "checked" after the first
+        # guided step looked at it
+        run: dict = {}
+        clear_after_sampling(m, run)
+
+        def perturbing():
+            run["reached"] = True
 
         def make_handler(previous):
             def perturbed_attention(q, k, v, extra_options, **kwargs):
@@ -101,6 +109,7 @@ class PerturbedAttentionGuidance(io.ComfyNode):
                 if cond_id is None or cond_id not in chunks:
                     return previous(q, k, v, extra_options, **kwargs)
                 require_own_queries(q, k, extra_options, f"PAG layers '{layers}'")
+                perturbing()
                 return split_by_chunk(
                     q, k, v, chunks, lambda c: c == cond_id,
                     lambda q, k, v, positions: identity_attention(q, k, v),
@@ -110,7 +119,7 @@ class PerturbedAttentionGuidance(io.ComfyNode):
             return perturbed_attention
 
         if isinstance(layout, DiTLayout):
-            install_dit_handler(m, layout, sites, perturbed_attention_handler(instance))
+            install_dit_handler(m, layout, sites, perturbed_attention_handler(instance, perturbing))
         else:
             install_site_handler(m, sites, make_handler)
 
@@ -119,7 +128,20 @@ class PerturbedAttentionGuidance(io.ComfyNode):
             s = scale_at(args["model"], args["sigma"])
             if s == 0.0:
                 return args["denoised"]
-            guided = pag_guided(args["denoised"], args["cond_denoised"], perturbed_x0(args), s)
+            x0_perturbed = perturbed_x0(args)
+            if not run.get("checked"):
+                # the first guided step of a run always runs the model (a cache such as EasyCache has
+                # nothing to serve yet), so a layer that was not reached here is never reached
+                run["checked"] = True
+                if not run.get("reached"):
+                    logging.warning(
+                        "Perturbed-Attention Guidance reached none of its layers ('%s') in the first step of this "
+                        "run, so it adds nothing. Either a node applied after it replaced the same attention (an "
+                        "attn1 replacement or the attention override) without calling the one before: apply "
+                        "attention guidance last; or this ComfyUI does not mark the transformer blocks of this "
+                        "model (Flux, Chroma and Qwen-Image need the block_type / block_index that ComfyUI 0.3.75 "
+                        "sets and 0.3.64 does not): update ComfyUI.", layers)
+            guided = pag_guided(args["denoised"], args["cond_denoised"], x0_perturbed, s)
             return rescale_guided(guided, args["cond_denoised"], rescale)
 
         m.set_model_sampler_post_cfg_function(post_cfg_function)

@@ -440,6 +440,54 @@ def test_the_hosts_guiders_run_post_cfg_functions_so_nothing_is_switched_off(gui
     assert rel_err(ours, run(model)) > 1e-3
 
 
+NOT_REACHED_WARNING = "reached none of its layers"
+
+
+def _attn1_replaced_after(model):
+    """Another pack's attn1 replacement of the SD1.5 middle block's transformer, applied after ours under
+    the host's 3-tuple key (looked up first), computing plain attention without calling the one before."""
+    def plain_attention(q, k, v, extra_options):
+        return comfy.ldm.modules.attention.optimized_attention(q, k, v, extra_options["n_heads"])
+
+    foreign = model.clone()
+    foreign.set_model_attn1_replace(plain_attention, "middle", 0, 0)
+    return foreign
+
+
+def _override_replaced_after(model):
+    """Another pack's attention override applied after ours that runs the host's attention itself."""
+    foreign = model.clone()
+    options = foreign.model_options.setdefault("transformer_options", {})
+    options["optimized_attention_override"] = lambda func, *args, **kwargs: func(*args, **kwargs)
+    return foreign
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_pag_that_reaches_none_of_its_layers_says_so_once_a_run(family, caplog):
+    # A node after ours that replaces the same attention without calling ours (or a host too old to mark
+    # DiT blocks) leaves PAG's copy unperturbed: its term is 0. The first guided step of a run says so.
+    if family == "flux":
+        model = build_dit("flux", seed=0)
+        positive, negative = make_dit_conditioning("flux", batch=1, seed=48)
+        latent, patched, replaced_after = torch.zeros(1, 16, 8, 10), pag(model, layers="single.2"), _override_replaced_after
+    else:
+        model = build_model("sd15", seed=0)
+        positive, negative = make_conditioning("sd15", batch=1, seed=48)
+        latent, patched, replaced_after = torch.zeros(1, 4, 8, 8), pag(model), _attn1_replaced_after
+    with caplog.at_level(logging.WARNING):
+        guided = sample(patched, positive, negative, latent, steps=3, cfg=4.0, seed=1)
+    assert NOT_REACHED_WARNING not in caplog.text
+    plain = sample(model, positive, negative, latent, steps=3, cfg=4.0, seed=1)
+    assert rel_err(guided, plain) > 1e-3
+    for run in range(2):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            out = sample(replaced_after(patched), positive, negative, latent, steps=3, cfg=4.0, seed=1)
+        warnings = [r.getMessage() for r in caplog.records if NOT_REACHED_WARNING in r.getMessage()]
+        assert len(warnings) == 1 and warnings[0].startswith("Perturbed-Attention Guidance")
+        assert rel_err(out, plain) < 1e-4
+
+
 # The host's own UNet patch nodes, each set to act on this 16x16 latent: Deep Shrink halves the
 # activations after input block 1 (sd15) / 3 (sdxl) on every step, FreeU_V2 rescales the decoder's
 # features and skips, HyperTile (swap_size 1: no random choice) tiles and ToMe merges the queries of the
@@ -524,7 +572,7 @@ def _post_cfg_recorder(model, results):
 
 
 @pytest.mark.parametrize("family, cfg", [("sd15", 5.0), ("flux", 1.0)])
-def test_pag_keeps_acting_on_steps_easycache_serves_from_its_cache(family, cfg):
+def test_pag_keeps_acting_on_steps_easycache_serves_from_its_cache(family, cfg, caplog):
     # EasyCache (threshold 3: serve whatever it can) replays each entry's last output change; the
     # perturbed copy shared the positive's uuid, so both were served the copy's and PAG's term was 0
     # (Flux at CFG 1, FluxGuidance's way, included)
@@ -540,9 +588,10 @@ def test_pag_keeps_acting_on_steps_easycache_serves_from_its_cache(family, cfg):
     before, after = [], []
     patched = _post_cfg_recorder(pag(_post_cfg_recorder(cached, before), layers=layers), after)
     steps = 8
-    with count_model_calls(patched) as calls:
+    with count_model_calls(patched) as calls, caplog.at_level(logging.WARNING):
         sample(patched, positive, negative, latent, steps=steps, cfg=cfg, seed=1)
     assert 0 < len(calls) < steps  # some steps were served from the cache
+    assert NOT_REACHED_WARNING not in caplog.text
     assert len(after) == len(before) == steps
     for guided, plain in zip(after, before):
         assert rel_err(guided, plain) > 1e-4
