@@ -320,8 +320,10 @@ class SelfAttentionGuidance(io.ComfyNode):
                             "Self-Attention Guidance: no attention of the reference conditioning (the negative "
                             "under CFG, the positive at CFG 1) was recorded at layer '%s', so SAG skips this step. "
                             "Either none of its entries is active at this step (timestep range), a cache such as "
-                            "EasyCache served this step without running the model, or the sampler evaluates the "
-                            "model in pieces (context windows), which SAG does not support.", layer)
+                            "EasyCache served this step without running the model, the sampler evaluates the "
+                            "model in pieces (context windows), which SAG does not support, or a node applied "
+                            "after SAG replaced that attention without calling it (apply attention guidance last).",
+                            layer)
                     return args["denoised"]
                 x = args["input"]
                 with torch.profiler.record_function("attention_guidance.sag_blur"):

@@ -23,7 +23,8 @@ def token_grid(activations_shape, tokens=None):
     if activations_shape is None or len(activations_shape) != 4:
         raise ValueError(
             f"activations_shape must be the layer's [b, c, h, w] (got {activations_shape!r}); SAG needs a "
-            "spatial self-attention layer of a UNet (ComfyUI sets transformer_options['activations_shape'] there)."
+            "spatial self-attention layer of a UNet (ComfyUI sets transformer_options['activations_shape'] there "
+            "since late 2025: 0.3.75 does, 0.3.64 does not; update ComfyUI if it is missing)."
         )
     height, width = int(activations_shape[-2]), int(activations_shape[-1])
     if tokens is not None and height * width != tokens:

@@ -488,6 +488,20 @@ def test_pag_that_reaches_none_of_its_layers_says_so_once_a_run(family, caplog):
         assert rel_err(out, plain) < 1e-4
 
 
+def test_sag_whose_layer_another_node_replaced_after_it_says_so(caplog):
+    # The same for SAG: its map is recorded inside the layer, so nothing is recorded; it warns (naming
+    # that cause among the others) and leaves the step unguided.
+    model = build_model("sd15", seed=0)
+    positive, negative = make_conditioning("sd15", batch=1, seed=49)
+    latent = torch.zeros(1, 4, 8, 8)
+    plain = sample(model, positive, negative, latent, steps=3, cfg=4.0, seed=1)
+    with caplog.at_level(logging.WARNING):
+        out = sample(_attn1_replaced_after(sag(model)), positive, negative, latent, steps=3, cfg=4.0, seed=1)
+    warnings = [r.getMessage() for r in caplog.records if "SAG skips this step" in r.getMessage()]
+    assert len(warnings) == 1 and "a node applied after SAG replaced that attention" in warnings[0]
+    assert rel_err(out, plain) < 1e-5
+
+
 # The host's own UNet patch nodes, each set to act on this 16x16 latent: Deep Shrink halves the
 # activations after input block 1 (sd15) / 3 (sdxl) on every step, FreeU_V2 rescales the decoder's
 # features and skips, HyperTile (swap_size 1: no random choice) tiles and ToMe merges the queries of the
