@@ -2,6 +2,7 @@
 ``threshold`` and ``layer`` by eye."""
 from __future__ import annotations
 
+import comfy.latent_formats
 import comfy.sample
 import comfy.samplers
 import torch.nn.functional as F
@@ -16,6 +17,15 @@ def sag_instances(model) -> list[str]:
         for fn in model.model_options.get("sampler_post_cfg_function", [])
         if hasattr(fn, SAG_PATCH_ATTRIBUTE)
     ]
+
+
+def image_pixels_per_latent_pixel(latent_format) -> int:
+    """The format's own ratio where the host has one; 0.3.75 has none: 8 for the VAE of every latent family
+    the nodes patch, 1 for pixel-space Chroma Radiance."""
+    ratio = getattr(latent_format, "spacial_downscale_ratio", None)
+    if ratio is not None:
+        return int(ratio)
+    return 1 if isinstance(latent_format, getattr(comfy.latent_formats, "ChromaRadiance", ())) else 8
 
 
 def one_evaluation_sampler() -> comfy.samplers.KSAMPLER:
@@ -96,7 +106,7 @@ class SAGMaskPreview(io.ComfyNode):
                 "SAG Mask Preview: the SAG patch recorded no attention at this step (no conditioning entry "
                 "was active). Check the conditioning's timestep range or choose another step."
             )
-        ratio = getattr(model.get_model_object("latent_format"), "spacial_downscale_ratio", 8)
+        ratio = image_pixels_per_latent_pixel(model.get_model_object("latent_format"))
         mask = F.interpolate(mask.float().cpu(), scale_factor=ratio, mode="nearest")[:, 0]
         image = mask.unsqueeze(-1).expand(-1, -1, -1, 3).contiguous()
         return io.NodeOutput(mask, image)

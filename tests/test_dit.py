@@ -5,6 +5,7 @@ block names against the host's and diffusers' full-size module trees; refusals f
 import contextlib
 
 import comfy.model_base
+import comfy.sample
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
@@ -21,6 +22,7 @@ from attention_guidance.guidance_core.layer_spec import LayerSpecError
 from attention_guidance.nodes.dit_layout import attention_layout, dit_attention_layout
 from attention_guidance.nodes.pag import PerturbedAttentionGuidance
 from attention_guidance.nodes.sag import SelfAttentionGuidance, with_sag_mask_probe
+from attention_guidance.nodes.sag_preview import SAGMaskPreview
 from attention_guidance.nodes.unet_layout import UnsupportedModelError
 from attention_guidance.sag_core import blur_under_mask
 from support.dit_models import (
@@ -542,6 +544,30 @@ def test_reference_latents_of_flux_kontext_and_qwen_image_edit(family, pag_block
         assert torch.isfinite(out).all() and rel_err(out, plain) > 1e-3
     mask = sag_mask_at(sag(model, layer=sag_block), positive, with_reference, x, sigma, 3.0)
     assert mask.shape == (1, 1, 8, 10)
+
+
+# pixels per latent pixel of each family's image (its VAE's; Chroma Radiance is pixel space)
+IMAGE_SCALE = {"flux": 8, "qwen_image": 8, "chroma_radiance": 1}
+
+
+@pytest.mark.parametrize("family", list(IMAGE_SCALE))
+def test_preview_node_shows_the_mask_at_image_size(family):
+    # an empty latent as the host's latent nodes give it (Qwen-Image's without its time axis, which the
+    # sampler adds), the preview's mask at image size equal to SAG's own at that step
+    model = tiny(family)
+    positive, negative = make_dit_conditioning(family, batch=1, seed=18)
+    empty = empty_dit_latent(model, (1, 16, 8, 10))
+    latent = {"samples": empty[:, :, 0] if empty.ndim == 5 else empty}
+    patched = sag(model, layer=BLOCK[family])
+    mask, image = SAGMaskPreview.execute(patched, positive, negative, latent, 5, 10, 3, 4.0, "simple").result
+    height, width = (side * IMAGE_SCALE[family] for side in empty.shape[-2:])
+    assert mask.shape == (1, height, width) and image.shape == (1, height, width, 3)
+    assert 0.0 < mask.mean() < 1.0
+    sampling = model.get_model_object("model_sampling")
+    sigma = comfy.samplers.calculate_sigmas(sampling, "simple", 10)[3].reshape(1)
+    noise = comfy.sample.prepare_noise(empty, 5)
+    expected = sag_mask_at(patched, positive, negative, sampling.noise_scaling(sigma, noise, empty), sigma, 4.0)
+    assert torch.equal(mask, torch.nn.functional.interpolate(expected, scale_factor=IMAGE_SCALE[family])[:, 0])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
