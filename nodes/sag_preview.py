@@ -19,13 +19,21 @@ def sag_instances(model) -> list[str]:
     ]
 
 
+# Image pixels per latent pixel where it is not 8 (0.3.75's latent formats do not say; its VAEs do):
+# Flux.2's 128-channel latent is 1/16 of the image (EmptyFlux2LatentImage), Chroma Radiance is pixel space.
+_IMAGE_SCALE = {"Flux2": 16, "ChromaRadiance": 1}
+
+
 def image_pixels_per_latent_pixel(latent_format) -> int:
-    """The format's own ratio where the host has one; 0.3.75 has none: 8 for the VAE of every latent family
-    the nodes patch, 1 for pixel-space Chroma Radiance."""
+    """The format's own ratio where the host has one (newer hosts' ``spacial_downscale_ratio``), else
+    ``_IMAGE_SCALE``'s or 8, the VAE of every other family the nodes patch."""
     ratio = getattr(latent_format, "spacial_downscale_ratio", None)
     if ratio is not None:
         return int(ratio)
-    return 1 if isinstance(latent_format, getattr(comfy.latent_formats, "ChromaRadiance", ())) else 8
+    for name, scale in _IMAGE_SCALE.items():
+        if isinstance(latent_format, getattr(comfy.latent_formats, name, ())):
+            return scale
+    return 8
 
 
 def one_evaluation_sampler() -> comfy.samplers.KSAMPLER:

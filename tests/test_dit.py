@@ -5,14 +5,17 @@ block names against the host's and diffusers' full-size module trees; refusals f
 import contextlib
 
 import comfy.model_base
-import comfy.sample
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
+import comfy.sample
 import comfy.samplers
 import comfy.supported_models
 import pytest
 import torch
+from comfy_extras.nodes_chroma_radiance import EmptyChromaRadianceLatentImage
+from comfy_extras.nodes_flux import EmptyFlux2LatentImage
+from comfy_extras.nodes_sd3 import EmptySD3LatentImage
 from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel, QwenImageTransformer2DModel, SD3Transformer2DModel
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -546,28 +549,28 @@ def test_reference_latents_of_flux_kontext_and_qwen_image_edit(family, pag_block
     assert mask.shape == (1, 1, 8, 10)
 
 
-# pixels per latent pixel of each family's image (its VAE's; Chroma Radiance is pixel space)
-IMAGE_SCALE = {"flux": 8, "qwen_image": 8, "chroma_radiance": 1}
+# the host's empty-latent node of each family, for an image of (width, height)
+EMPTY_LATENT_NODES = {"flux": EmptySD3LatentImage, "flux2": EmptyFlux2LatentImage, "qwen_image": EmptySD3LatentImage,
+                      "chroma_radiance": EmptyChromaRadianceLatentImage}
 
 
-@pytest.mark.parametrize("family", list(IMAGE_SCALE))
-def test_preview_node_shows_the_mask_at_image_size(family):
-    # an empty latent as the host's latent nodes give it (Qwen-Image's without its time axis, which the
-    # sampler adds), the preview's mask at image size equal to SAG's own at that step
+@pytest.mark.parametrize("family", list(EMPTY_LATENT_NODES))
+def test_preview_node_shows_the_mask_at_the_size_of_the_image(family):
+    # the empty latent the host's node makes for a 160x128 image (Qwen-Image's without the time axis
+    # the sampler adds); the preview's mask is 160x128 and equals SAG's own at that step
     model = tiny(family)
     positive, negative = make_dit_conditioning(family, batch=1, seed=18)
-    empty = empty_dit_latent(model, (1, 16, 8, 10))
-    latent = {"samples": empty[:, :, 0] if empty.ndim == 5 else empty}
+    latent = EMPTY_LATENT_NODES[family].execute(width=160, height=128, batch_size=1).result[0]
     patched = sag(model, layer=BLOCK[family])
     mask, image = SAGMaskPreview.execute(patched, positive, negative, latent, 5, 10, 3, 4.0, "simple").result
-    height, width = (side * IMAGE_SCALE[family] for side in empty.shape[-2:])
-    assert mask.shape == (1, height, width) and image.shape == (1, height, width, 3)
+    assert mask.shape == (1, 128, 160) and image.shape == (1, 128, 160, 3)
     assert 0.0 < mask.mean() < 1.0
+    empty = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     sampling = model.get_model_object("model_sampling")
     sigma = comfy.samplers.calculate_sigmas(sampling, "simple", 10)[3].reshape(1)
     noise = comfy.sample.prepare_noise(empty, 5)
     expected = sag_mask_at(patched, positive, negative, sampling.noise_scaling(sigma, noise, empty), sigma, 4.0)
-    assert torch.equal(mask, torch.nn.functional.interpolate(expected, scale_factor=IMAGE_SCALE[family])[:, 0])
+    assert torch.equal(mask, torch.nn.functional.interpolate(expected, size=(128, 160))[:, 0])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
