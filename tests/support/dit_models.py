@@ -217,14 +217,21 @@ def make_dit_conditioning(family: str, batch: int = 1, seed: int = 0, tokens: in
 PIXELS_PER_LATENT = {"chroma_radiance": 8}
 
 
-def noisy_dit_latent(patcher, sigma: float, shape=(1, 16, 8, 8), seed: int = 1, pixels=None):
-    """A latent at noise level ``sigma`` in the host's flow coordinates, ``(1 - sigma) x0 + sigma eps``;
-    ``shape[1]`` is replaced by the model's latent channels, and on a pixel-space model the size is
-    ``PIXELS_PER_LATENT`` times ``shape``'s, or ``pixels`` (height, width) when given."""
-    sampling = patcher.get_model_object("model_sampling")
+def model_latent_shape(patcher, shape, pixels=None) -> tuple:
+    """``shape`` (batch, channels, latent height, width) as the model takes it: its latent channels, a
+    time axis of one frame where its latents have one (Qwen-Image's Wan 2.1 latent, ``[B, C, 1, H, W]``),
+    and on a pixel-space model ``PIXELS_PER_LATENT`` times the size, or ``pixels`` (height, width)."""
     scale = PIXELS_PER_LATENT.get(getattr(patcher.model, "tiny_family", None), 1)
     size = pixels if pixels is not None and scale > 1 else tuple(side * scale for side in shape[2:])
-    shape = (shape[0], patcher.model.latent_format.latent_channels, *_time_axis(patcher), *size)
+    time_axis = (1,) if getattr(patcher.model.latent_format, "latent_dimensions", 2) == 3 else ()
+    return (shape[0], patcher.model.latent_format.latent_channels, *time_axis, *size)
+
+
+def noisy_dit_latent(patcher, sigma: float, shape=(1, 16, 8, 8), seed: int = 1, pixels=None):
+    """A latent at noise level ``sigma`` in the host's flow coordinates, ``(1 - sigma) x0 + sigma eps``,
+    of ``model_latent_shape(patcher, shape, pixels)``."""
+    sampling = patcher.get_model_object("model_sampling")
+    shape = model_latent_shape(patcher, shape, pixels)
     sigma = torch.tensor([float(sigma)])
     generator = torch.Generator().manual_seed(seed)
     x0 = torch.randn(shape, generator=generator)
@@ -233,16 +240,8 @@ def noisy_dit_latent(patcher, sigma: float, shape=(1, 16, 8, 8), seed: int = 1, 
 
 
 def empty_dit_latent(patcher, shape) -> torch.Tensor:
-    """Zeros of ``shape`` (batch, channels, latent height, width) in the model's latent channels and,
-    on a pixel-space model, its pixels (``PIXELS_PER_LATENT``): an empty latent for the sampler."""
-    scale = PIXELS_PER_LATENT.get(getattr(patcher.model, "tiny_family", None), 1)
-    return torch.zeros(shape[0], patcher.model.latent_format.latent_channels, *_time_axis(patcher),
-                       *(side * scale for side in shape[2:]))
-
-
-def _time_axis(patcher) -> tuple:
-    """(1,) for a model whose latents have a time axis (Qwen-Image's Wan 2.1 latent: [B, C, 1, H, W])."""
-    return (1,) if getattr(patcher.model.latent_format, "latent_dimensions", 2) == 3 else ()
+    """Zeros of ``model_latent_shape(patcher, shape)``: an empty latent for the sampler."""
+    return torch.zeros(model_latent_shape(patcher, shape))
 
 
 @dataclasses.dataclass(frozen=True)
