@@ -287,14 +287,15 @@ class SelfAttentionGuidance(io.ComfyNode):
 
         def reference_mask(args, ref_conds):
             x, sigma = args["input"], args["sigma"]
-            mass_map = reference_mass_map(records, ref_conds, single_frame(x), sigma)
+            image = single_frame(x)
+            mass_map = reference_mass_map(records, ref_conds, image, sigma)
             if mass_map is None:
                 # The main call was not ours to tag (another guider's layout, context windows): record
                 # the reference branch in a pass of its own.
                 records.clear()
                 options = with_guidance_options(args["model_options"], extra_pass=True, **{RECORD: {instance: 0}})
                 comfy.samplers.calc_cond_batch(args["model"], [ref_conds], x, sigma, options)
-                mass_map = reference_mass_map(records, ref_conds, single_frame(x), sigma)
+                mass_map = reference_mass_map(records, ref_conds, image, sigma)
             if mass_map is None:
                 return None
             return sag_latent_mask(mass_map, threshold)
