@@ -12,10 +12,9 @@ from .attention_sites import guidance_options
 from .dit_attention import DiTAttention
 
 
-def perturbed_attention_handler(instance: str, perturbing: Callable[[], None]):
-    """PAG: the rows of the chunk tagged for ``instance`` get diffusers' SD3 PAG attention (each image
-    token attends to itself and the text, text tokens to everything; ``joint_identity_attention``); every
-    other row gets the attention it would have had. ``perturbing()`` is called whenever it computes them."""
+def perturbed_copy_handler(instance: str, perturbing: Callable[[], None], perturb: Callable[[DiTAttention], torch.Tensor]):
+    """The rows of the chunk tagged for ``instance`` get ``perturb(part)``; every other row gets the attention
+    it would have had. ``perturbing()`` is called whenever it computes them."""
 
     def handler(call: DiTAttention):
         cond_id = guidance_options(call.options).get("perturbed", {}).get(instance)
@@ -23,14 +22,16 @@ def perturbed_attention_handler(instance: str, perturbing: Callable[[], None]):
             return call.run()
 
         perturbing()
-
-        def perturbed(part: DiTAttention):
-            out = joint_identity_attention(part.q_heads(), part.k_heads(), part.v_heads(), part.text_tokens, part.mask)
-            return part.from_heads(out)
-
-        return call.split(lambda c: c == cond_id, perturbed, lambda part: part.run())
+        return call.split(lambda c: c == cond_id, perturb, lambda part: part.run())
 
     return handler
+
+
+def joint_identity(part: DiTAttention) -> torch.Tensor:
+    """PAG: diffusers' SD3 PAG attention (each image token attends to itself and the text, text tokens to
+    everything; ``joint_identity_attention``)."""
+    out = joint_identity_attention(part.q_heads(), part.k_heads(), part.v_heads(), part.text_tokens, part.mask)
+    return part.from_heads(out)
 
 
 def _flat(t):

@@ -1,0 +1,96 @@
+"""A batched copy of the positive, perturbed at chosen attention sites: what PAG and SEG share.
+
+The node gives the sites and its perturbation; this installs the copy in the sampler's own forward
+(``batched_pass.add_batched_positive_copy``), the handlers at the UNet's attn1 sites
+(``attention_sites.install_site_handler``) or in the DiT's blocks (``dit_attention.install_dit_handler``)
+that perturb the copy's rows and run every other row as before, and gives the post-CFG function the
+copy's prediction with the scale of this step.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Callable
+
+from ..guidance_core.layer_spec import DiTLayout
+from ..guidance_core.rows import split_by_chunk
+from .attention_sites import chunk_ids, guidance_options, install_site_handler, options_for_chunks, require_own_queries
+from .batched_pass import add_batched_positive_copy, clear_after_sampling
+from .dit_attention import DiTAttention, install_dit_handler
+from .dit_handlers import perturbed_copy_handler
+from .post_cfg_watch import PostCfgWatch
+
+# UNet: perturb(q, k, v, extra_options, attend) for the copy's rows ([B, L, heads * D]); attend(q, k, v)
+# is the attention those rows would have had (the host's, or the patch before ours)
+UNetPerturbation = Callable[..., "torch.Tensor"]  # noqa: F821
+# DiT: perturb(call) for the copy's rows, the call's output in the caller's layout
+DiTPerturbation = Callable[[DiTAttention], "torch.Tensor"]  # noqa: F821
+
+
+class PerturbedCopy:
+    """Installed on ``model`` (the node's clone). ``scale_at(base_model, sigma)`` is the guidance scale of a
+    step, 0 outside the node's window; ``node`` names the node and ``label`` its layers input in messages."""
+
+    def __init__(self, model, layout, sites, node: str, layers: str, label: str,
+                 scale_at: Callable[[object, object], float], perturb_unet: UNetPerturbation,
+                 perturb_dit: DiTPerturbation):
+        self.node = node
+        self.layers = layers
+        self.scale_at = scale_at
+        instance = uuid.uuid4().hex
+        self.watch = PostCfgWatch(model, node)
+        self._perturbed_x0 = add_batched_positive_copy(
+            model, instance, lambda base_model, sigma: scale_at(base_model, sigma) > 0.0, self.watch)
+        # this run: "reached" once a chosen layer computed the perturbed rows, "checked" after the first
+        # guided step looked at it
+        self.run: dict = {}
+        clear_after_sampling(model, self.run)
+
+        def perturbing():
+            self.run["reached"] = True
+
+        def make_handler(previous):
+            def perturbed_attention(q, k, v, extra_options, **kwargs):
+                cond_id = guidance_options(extra_options).get("perturbed", {}).get(instance)
+                chunks = chunk_ids(extra_options)
+                if cond_id is None or cond_id not in chunks:
+                    return previous(q, k, v, extra_options, **kwargs)
+                require_own_queries(q, k, extra_options, label)
+                perturbing()
+
+                def perturbed(q, k, v, positions):
+                    options = options_for_chunks(extra_options, positions)
+                    return perturb_unet(q, k, v, options, lambda q, k, v: previous(q, k, v, options, **kwargs))
+
+                return split_by_chunk(
+                    q, k, v, chunks, lambda c: c == cond_id, perturbed,
+                    lambda q, k, v, positions: previous(q, k, v, options_for_chunks(extra_options, positions), **kwargs),
+                )
+
+            return perturbed_attention
+
+        if isinstance(layout, DiTLayout):
+            install_dit_handler(model, layout, sites, perturbed_copy_handler(instance, perturbing, perturb_dit))
+        else:
+            install_site_handler(model, sites, make_handler)
+
+    def guidance_step(self, args):
+        """``(scale, perturbed x0)`` for this post-CFG call, or None where the node does not guide this step."""
+        self.watch.post_cfg_ran()
+        scale = self.scale_at(args["model"], args["sigma"])
+        if scale == 0.0:
+            return None
+        x0_perturbed = self._perturbed_x0(args)
+        if not self.run.get("checked"):
+            # the first guided step of a run always runs the model (a cache such as EasyCache has
+            # nothing to serve yet), so a layer that was not reached here is never reached
+            self.run["checked"] = True
+            if not self.run.get("reached"):
+                logging.warning(
+                    "%s reached none of its layers ('%s') in the first step of this "
+                    "run, so it adds nothing. Either a node applied after it replaced the same attention (an "
+                    "attn1 replacement or the attention override) without calling the one before: apply "
+                    "attention guidance last; or this ComfyUI does not mark the transformer blocks of this "
+                    "model (Flux, Chroma and Qwen-Image need the block_type / block_index that ComfyUI 0.3.75 "
+                    "sets and 0.3.64 does not): update ComfyUI.", self.node, self.layers)
+        return scale, x0_perturbed
