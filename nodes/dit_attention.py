@@ -162,6 +162,12 @@ class DiTAttention:
     def v_heads(self):
         return self.to_heads(self.v)
 
+    def with_queries(self, q_heads: torch.Tensor) -> "DiTAttention":
+        """This call with other queries, given as ``[B, heads, L, D]``."""
+        q = q_heads if self._values.get("skip_reshape") else q_heads.transpose(1, 2).reshape(self.q.shape)
+        return DiTAttention(self._previous, self._func, dict(self._values, q=q), self._positional, self.block,
+                            self.architecture, self.patch_size, self._text_tokens, self.joint)
+
     def from_heads(self, out: torch.Tensor) -> torch.Tensor:
         """``[B, heads, L, D]`` in the layout the caller expects back."""
         if self._values.get("skip_output_reshape"):

@@ -1,6 +1,7 @@
-"""What PAG and SAG do inside a chosen DiT block (see dit_attention for how they get there)."""
+"""What PAG, SEG and SAG do inside a chosen DiT block (see dit_attention for how they get there)."""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -8,6 +9,7 @@ import torch
 from ..guidance_core.rows import chunk_rows
 from ..pag_core import joint_identity_attention
 from ..sag_core import key_attention_mass
+from ..seg_core import blur_queries
 from .attention_sites import guidance_options
 from .dit_attention import DiTAttention
 
@@ -32,6 +34,22 @@ def joint_identity(part: DiTAttention) -> torch.Tensor:
     everything; ``joint_identity_attention``)."""
     out = joint_identity_attention(part.q_heads(), part.k_heads(), part.v_heads(), part.text_tokens, part.mask)
     return part.from_heads(out)
+
+
+def smoothed_queries(blur_sigma: float):
+    """SEG: the call's own attention with the generated image's queries blurred on its token grid (per frame
+    where the grid has a time axis); text queries and reference-image tokens (Flux Kontext, Qwen-Image-Edit)
+    keep theirs. SD3.5's image-only ``attn2`` has no text tokens: all its queries are the image's."""
+
+    def perturb(part: DiTAttention) -> torch.Tensor:
+        *frames, height, width = part.image_grid()
+        frames = math.prod(frames)
+        image = slice(part.text_tokens, part.text_tokens + frames * height * width)
+        q = part.q_heads().clone()
+        q[:, :, image] = blur_queries(q[:, :, image], (height, width), blur_sigma, frames)
+        return part.with_queries(q).run()
+
+    return perturb
 
 
 def _flat(t):
