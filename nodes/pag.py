@@ -8,7 +8,7 @@ from comfy_api.latest import io
 
 from ..guidance_core.layer_spec import DiTLayout, LayerSpecError
 from ..guidance_core.rows import split_by_chunk
-from ..guidance_core.schedule import in_sigma_window, validate_percent_window
+from ..guidance_core.schedule import validate_percent_window
 from ..pag_core import adaptive_pag_scale, identity_attention, pag_guided, rescale_guided, validate_pag_inputs
 from .attention_sites import (
     chunk_ids, guidance_options, install_site_handler, options_for_chunks, require_own_queries,
@@ -18,6 +18,7 @@ from .dit_attention import install_dit_handler
 from .dit_handlers import perturbed_attention_handler
 from .dit_layout import attention_layout
 from .post_cfg_watch import PostCfgWatch
+from .sigma_window import SigmaWindow
 
 CATEGORY = "model_patches/attention_guidance"
 
@@ -83,13 +84,16 @@ class PerturbedAttentionGuidance(io.ComfyNode):
             return io.NodeOutput(m)
         instance = uuid.uuid4().hex
 
+        window = SigmaWindow(m, start_percent, end_percent)
+
         def scale_at(base_model, sigma) -> float:
             sampling = base_model.model_sampling
-            sigma = sigma.flatten()[:1]
-            window = (sampling.percent_to_sigma(start_percent), sampling.percent_to_sigma(end_percent))
-            if not in_sigma_window(float(sigma), *window):
+            if not window.contains(sampling, sigma):
                 return 0.0
-            return adaptive_pag_scale(scale, adaptive_scale, float(sampling.timestep(sigma)))
+            if adaptive_scale <= 0.0:
+                return scale
+            timestep = window.per_step(sigma, "timestep", lambda: float(sampling.timestep(sigma.flatten()[:1])))
+            return adaptive_pag_scale(scale, adaptive_scale, timestep)
 
         watch = PostCfgWatch(m, "Perturbed-Attention Guidance")
         perturbed_x0 = add_batched_positive_copy(m, instance, lambda base_model, sigma: scale_at(base_model, sigma) > 0.0,
