@@ -8,11 +8,15 @@ from typing import Callable, Sequence
 import torch
 
 
-def chunk_rows(chunks: Sequence[int], positions: Sequence[int], rows: int, device) -> torch.Tensor:
-    """Row indices of the chunks at ``positions`` (positions in ``chunks``, not cond ids)."""
+def chunk_rows(chunks: Sequence[int], positions: Sequence[int], rows: int, device) -> slice | torch.Tensor:
+    """An index of the rows of the chunks at ``positions`` (positions in ``chunks``, not cond ids): a
+    slice where they are consecutive, else a tensor made on ``device`` (from Python numbers it would be
+    a copy from the host, which waits for the device)."""
     size = rows // len(chunks)
-    starts = torch.tensor(list(positions), device=device) * size
-    return (starts[:, None] + torch.arange(size, device=device)).flatten()
+    positions = list(positions)
+    if positions == list(range(positions[0], positions[-1] + 1)):
+        return slice(positions[0] * size, (positions[-1] + 1) * size)
+    return torch.cat([torch.arange(p * size, (p + 1) * size, device=device) for p in positions])
 
 
 def split_by_chunk(

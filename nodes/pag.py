@@ -4,11 +4,12 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..guidance_core.layer_spec import LayerSpecError
-from ..guidance_core.schedule import in_sigma_window, validate_percent_window
+from ..guidance_core.schedule import validate_percent_window
 from ..pag_core import adaptive_pag_scale, identity_attention, pag_guided, rescale_guided, validate_pag_inputs
 from .dit_handlers import joint_identity
 from .dit_layout import attention_layout
 from .perturbed_copy import PerturbedCopy
+from .sigma_window import SigmaWindow
 
 CATEGORY = "model_patches/attention_guidance"
 
@@ -83,13 +84,16 @@ class PerturbedAttentionGuidance(io.ComfyNode):
         if scale == 0.0:
             return io.NodeOutput(m)
 
+        window = SigmaWindow(m, start_percent, end_percent)
+
         def scale_at(base_model, sigma) -> float:
             sampling = base_model.model_sampling
-            sigma = sigma.flatten()[:1]
-            window = (sampling.percent_to_sigma(start_percent), sampling.percent_to_sigma(end_percent))
-            if not in_sigma_window(float(sigma), *window):
+            if not window.contains(sampling, sigma):
                 return 0.0
-            return adaptive_pag_scale(scale, adaptive_scale, float(sampling.timestep(sigma)))
+            if adaptive_scale <= 0.0:
+                return scale
+            timestep = window.per_step(sigma, "timestep", lambda: float(sampling.timestep(sigma.flatten()[:1])))
+            return adaptive_pag_scale(scale, adaptive_scale, timestep)
 
         copy = PerturbedCopy(m, layout, sites, "Perturbed-Attention Guidance", layers, f"PAG layers '{layers}'",
                              scale_at, lambda q, k, v, options, attend: identity_attention(q, k, v), joint_identity)

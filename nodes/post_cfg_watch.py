@@ -21,17 +21,20 @@ class PostCfgWatch:
     def __init__(self, model, node: str):
         """Installed on ``model`` (the node's clone); ``node`` names the node in the warning."""
         self.node = node
-        self.run: dict = {}  # this sampling run: "post_cfg_ran", "sigma" of the last main call, "skipped"
+        self.run: dict = {}  # this sampling run: "post_cfg_ran", the sigma tensor of the last main call, "skipped"
         clear_after_sampling(model, self.run)
 
     def guider_skips_post_cfg(self, timestep) -> bool:
         """Call on each main cond call: True once this run's guider is known not to run post-CFG functions."""
         if self.run.get("skipped"):
             return True
-        sigma = float(timestep.flatten()[0])
+        if self.run.get("post_cfg_ran"):
+            return False
+        # the values are read (a wait for the device) only at a second main call with no post-CFG call
+        # before it, which a guider that runs the post-CFG functions never makes
         previous = self.run.get("sigma")
-        self.run["sigma"] = sigma
-        if previous is None or previous == sigma or self.run.get("post_cfg_ran"):
+        self.run["sigma"] = timestep
+        if previous is None or float(previous.flatten()[0]) == float(timestep.flatten()[0]):
             return False
         self.run["skipped"] = True
         logging.warning(

@@ -30,7 +30,7 @@ from comfy_api.latest import io
 
 from ..guidance_core.layer_spec import DiTLayout, LayerSpecError
 from ..guidance_core.rows import chunk_rows
-from ..guidance_core.schedule import in_sigma_window, validate_percent_window
+from ..guidance_core.schedule import validate_percent_window
 from ..sag_core import blur_under_mask, key_attention_mass, sag_guided, sag_mask, token_grid, validate_sag_inputs
 from .attention_sites import (
     GUIDANCE_OPTIONS, chunk_ids, guidance_options, install_site_handler, require_own_queries, with_guidance_options,
@@ -40,6 +40,7 @@ from .dit_attention import install_dit_handler
 from .dit_handlers import key_mass_recorder
 from .dit_layout import attention_layout
 from .post_cfg_watch import PostCfgWatch
+from .sigma_window import SigmaWindow
 
 CATEGORY = "model_patches/attention_guidance"
 
@@ -259,10 +260,10 @@ class SelfAttentionGuidance(io.ComfyNode):
         warned: list = []
         watch = PostCfgWatch(m, "Self-Attention Guidance")
 
+        window = SigmaWindow(m, start_percent, end_percent)
+
         def active(base_model, sigma) -> bool:
-            sampling = base_model.model_sampling
-            window = (sampling.percent_to_sigma(start_percent), sampling.percent_to_sigma(end_percent))
-            return in_sigma_window(float(sigma.flatten()[0]), *window)
+            return window.contains(base_model.model_sampling, sigma)
 
         def calc_cond_batch_wrapper(executor, base_model, conds, x_in, timestep, model_options):
             if not is_main_cond_call(conds, model_options):

@@ -59,15 +59,16 @@ def gaussian_kernel_1d(kernel_size, sigma, dtype=torch.float32, device=None):
     """
     validate_kernel_size(kernel_size)
     validate_sigma(sigma)
+    # made on the device itself: a copy from the host would wait for the device at every step
     if sigma == 0:
-        taps = torch.zeros(kernel_size, dtype=torch.float32)
+        taps = torch.zeros(kernel_size, dtype=torch.float32, device=device)
         taps[kernel_size // 2] = 1.0
     else:
         half = (kernel_size - 1) * 0.5
-        x = torch.linspace(-half, half, steps=kernel_size, dtype=torch.float32)
+        x = torch.linspace(-half, half, steps=kernel_size, dtype=torch.float32, device=device)
         pdf = torch.exp(-0.5 * (x / sigma).pow(2))
         taps = pdf / pdf.sum()
-    return taps.to(device=device, dtype=dtype)
+    return taps.to(dtype=dtype)
 
 
 def gaussian_blur_2d(x, kernel_size, sigma):
