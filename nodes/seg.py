@@ -18,11 +18,17 @@ from .pag import CATEGORY, layers_input, select_layers
 from .perturbed_copy import PerturbedCopy
 
 
-def blurred_query_attention(blur_sigma: float):
+def blurred_query_attention(blur_sigma: float, label: str):
     """UNet: the copy's rows attend with their queries blurred on the layer's grid (``activations_shape``)."""
 
     def perturb(q, k, v, extra_options, attend):
-        grid = token_grid(extra_options.get("activations_shape"), tokens=q.shape[1])
+        if extra_options.get("activations_shape") is None:
+            raise RuntimeError(
+                f"{label}: this ComfyUI does not tell attention patches the layer's token grid "
+                "(transformer_options['activations_shape'], set by ComfyUI 0.3.75 and later, not by 0.3.64), "
+                "which Smoothed Energy Guidance needs to blur the queries. Update ComfyUI."
+            )
+        grid = token_grid(extra_options["activations_shape"], tokens=q.shape[1])
         return attend(blur_queries(q, grid, blur_sigma), k, v)
 
     return perturb
@@ -81,8 +87,9 @@ class SmoothedEnergyGuidance(io.ComfyNode):
             window = (sampling.percent_to_sigma(start_percent), sampling.percent_to_sigma(end_percent))
             return scale if in_sigma_window(float(sigma.flatten()[0]), *window) else 0.0
 
-        copy = PerturbedCopy(m, layout, sites, "Smoothed Energy Guidance", layers, f"SEG layers '{layers}'", scale_at,
-                             blurred_query_attention(blur_sigma), smoothed_queries(blur_sigma))
+        label = f"SEG layers '{layers}'"
+        copy = PerturbedCopy(m, layout, sites, "Smoothed Energy Guidance", layers, label, scale_at,
+                             blurred_query_attention(blur_sigma, label), smoothed_queries(blur_sigma))
 
         def post_cfg_function(args):
             step = copy.guidance_step(args)

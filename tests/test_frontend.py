@@ -237,7 +237,8 @@ def test_the_node_docs_panel_shows_each_of_our_nodes_page(comfy, object_info):
     # the frontend falls back to the node's description when it finds no page: the page's own sections
     # and the first line of its text are what tell them apart
     ours = sorted(name for name in object_info if name.startswith(OUR_NODE_PREFIX))
-    assert ours == ["AG_PerturbedAttentionGuidance", "AG_SAGMaskPreview", "AG_SelfAttentionGuidance"]
+    assert ours == ["AG_PerturbedAttentionGuidance", "AG_SAGMaskPreview", "AG_SelfAttentionGuidance",
+                    "AG_SmoothedEnergyGuidance"]
     comfy.close_dialogs()
     comfy.load_workflow({"last_node_id": 0, "last_link_id": 0, "nodes": [], "links": [], "groups": [],
                          "config": {}, "extra": {}, "version": 0.4}, "docs.json")

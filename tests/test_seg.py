@@ -14,7 +14,7 @@ from attention_guidance.nodes.sag import SelfAttentionGuidance
 from attention_guidance.nodes.seg import SmoothedEnergyGuidance
 from support.diffusers_twin import make_twin
 from support.dit_models import build_dit, make_dit_conditioning, noisy_dit_latent
-from support.models import build_model, count_model_calls, denoise_once, make_conditioning
+from support.models import build_model, count_model_calls, denoise_once, make_conditioning, short_of_memory
 from support.seg_reference import direct_query_blur, seg_reference
 
 FAMILIES = ["sd15", "sd2v", "sdxl"]
@@ -153,20 +153,24 @@ def test_dit_image_queries_are_blurred_and_text_queries_kept(family, blur_sigma)
     positive, negative = make_dit_conditioning(family, batch=1, seed=6)
     x, sigma = noisy_dit_latent(model, 0.6, shape=(1, 16, 8, 12))
     denoise_once(seg(recorded, blur_sigma=blur_sigma, layers=DIT_BLOCK[family]), positive, negative, x, sigma, 4.0)
-    first_copy = next(i for i, (ids, _) in enumerate(calls) if ids == [2])
-    (rest_ids, rest_q), (_, copy_q) = calls[first_copy - 1], calls[first_copy]
-    assert sorted(rest_ids) == [0, 1]
+    copies = [i for i, (ids, _) in enumerate(calls) if ids == [2]]
+    # one attention in the block; SD3.5's joint.0 also has the image-only attn2, whose queries come from the
+    # same input as the joint attention's
+    assert len(copies) == (2 if family == "sd35" else 1)
     patch = model.get_model_object("diffusion_model").patch_size
     grid = tuple(math.ceil(side / patch) for side in x.shape[-2:])
-    text = copy_q.shape[2] - grid[0] * grid[1]
-    positive_q = rest_q[rest_ids.index(0):rest_ids.index(0) + 1]
-    assert text > 0
-    assert torch.allclose(copy_q[:, :, :text], positive_q[:, :, :text], atol=1e-5)
-    image = positive_q[:, :, text:]
-    blurred = direct_query_blur(image.transpose(1, 2).flatten(2), grid, blur_sigma, 1)
-    expected = blurred.reshape(image.shape[0], image.shape[2], image.shape[1], -1).transpose(1, 2)
-    assert torch.allclose(copy_q[:, :, text:].double(), expected, atol=1e-5)
-    assert not torch.allclose(copy_q[:, :, text:], image, atol=1e-3)
+    for copy in copies:
+        (rest_ids, rest_q), (_, copy_q) = calls[copy - 1], calls[copy]
+        assert sorted(rest_ids) == [0, 1]
+        text = copy_q.shape[2] - grid[0] * grid[1]
+        positive_q = rest_q[rest_ids.index(0):rest_ids.index(0) + 1]
+        assert text > 0 or (family == "sd35" and copy == copies[1])
+        assert torch.allclose(copy_q[:, :, :text], positive_q[:, :, :text], atol=1e-5)
+        image = positive_q[:, :, text:]
+        blurred = direct_query_blur(image.transpose(1, 2).flatten(2), grid, blur_sigma, 1)
+        expected = blurred.reshape(image.shape[0], image.shape[2], image.shape[1], -1).transpose(1, 2)
+        assert torch.allclose(copy_q[:, :, text:].double(), expected, atol=1e-5)
+        assert not torch.allclose(copy_q[:, :, text:], image, atol=1e-3)
 
 
 # --- one forward per step, chaining with PAG and SAG -----------------------------------------------------
@@ -184,6 +188,20 @@ def test_the_blurred_copy_rides_in_the_samplers_forward_also_beside_pags():
         with count_model_calls(patched) as calls:
             denoise_once(patched, positive, negative, x, sigma, 1.0)
         assert [sorted(c.cond_or_uncond) for c in calls] == [cfg_1]
+
+
+@pytest.mark.parametrize("cfg", [4.0, 1.0])
+def test_where_the_batch_does_not_fit_the_blurred_copy_runs_alone_with_the_same_result(cfg, monkeypatch):
+    model = tiny("sdxl")
+    positive, negative = make_conditioning("sdxl", batch=2, seed=10)
+    x, sigma = noisy_latent(model, 500, shape=(2, 4, 16, 12))
+    patched = seg(model, blur_sigma=2.0)
+    whole = denoise_once(patched, positive, negative, x, sigma, cfg)
+    short_of_memory(monkeypatch)
+    with count_model_calls(patched) as calls:
+        split = denoise_once(patched, positive, negative, x, sigma, cfg)
+    assert sorted(c.cond_or_uncond for c in calls) == ([[0], [1], [2]] if cfg > 1.0 else [[0], [2]])
+    assert rel_err(split, whole) < 1e-5
 
 
 CHAINS = {
@@ -231,6 +249,25 @@ def test_scale_zero_and_outside_the_window_change_nothing():
             assert torch.equal(denoise_once(patched, positive, negative, x, sigma, 4.0), plain)
         assert [sorted(c.cond_or_uncond) for c in calls] == [[0, 1]]
     assert rel_err(denoise_once(seg(model, start_percent=0.5), positive, negative, x, sigma, 4.0), plain) > 1e-2
+
+
+def test_a_host_that_gives_no_token_grid_is_told_to_update(monkeypatch):
+    # ComfyUI 0.3.64 passes attention patches no activations_shape; a pack that drops it does the same
+    model = tiny("sd15")
+
+    def drop_grid(previous):
+        def attention(q, k, v, extra_options, **kwargs):
+            options = {key: value for key, value in extra_options.items() if key != "activations_shape"}
+            return previous(q, k, v, options, **kwargs)
+        return attention
+
+    patched = seg(model)
+    for key, replacement in list(patched.model_options["transformer_options"]["patches_replace"]["attn1"].items()):
+        patched.set_model_attn1_replace(drop_grid(replacement), *key)
+    positive, negative = make_conditioning("sd15", batch=1, seed=9)
+    x, sigma = noisy_latent(model, 500)
+    with pytest.raises(RuntimeError, match=r"SEG layers 'mid': this ComfyUI does not tell .* Update ComfyUI"):
+        denoise_once(patched, positive, negative, x, sigma, 4.0)
 
 
 def test_errors_name_the_input_and_the_fix():

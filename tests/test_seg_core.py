@@ -91,3 +91,20 @@ def test_inputs_that_would_do_nothing_or_cannot_be_read_are_refused(scale, blur_
         validate_seg_inputs(scale, blur_sigma)
     validate_seg_inputs(3.0, 0.2)
     validate_seg_inputs(3.0, 1e7)
+
+
+@pytest.mark.parametrize("sigma", [1.0, 3.0, 9999999.0])
+def test_diffusers_hook_blur_agrees_only_with_its_branches_routed_the_right_way(sigma):
+    # diffusers' hook (0.42.1) takes its blur branch when sigma > threshold and the mean branch otherwise;
+    # routed by hand (threshold -inf for a finite sigma, +inf for the infinite one) it is our blur on a square
+    # grid, as its own routing it swaps them
+    from diffusers.hooks.smoothed_energy_guidance_utils import _gaussian_blur_2d
+
+    generator = torch.Generator().manual_seed(5)
+    queries = torch.randn(2, 8 * 8, 6, generator=generator)
+    ours = blur_queries(queries, (8, 8), sigma)
+    infinite = sigma >= INFINITE_BLUR_SIGMA
+    routed = _gaussian_blur_2d(queries.clone(), seg_kernel_size(sigma), sigma, math.inf if infinite else -math.inf)
+    assert torch.allclose(routed, ours, atol=1e-5)
+    as_shipped = _gaussian_blur_2d(queries.clone(), seg_kernel_size(sigma), sigma, INFINITE_BLUR_SIGMA)
+    assert not torch.allclose(as_shipped, ours, atol=1e-3)

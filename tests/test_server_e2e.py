@@ -102,7 +102,7 @@ def test_every_node_has_a_docs_page_with_its_inputs_and_defaults_where_the_front
     info = comfy_server.object_info()
     module = info[PAG]["python_module"]
     ours = {name: node for name, node in info.items() if node.get("python_module") == module}
-    assert set(ours) == {PAG, "AG_SelfAttentionGuidance", "AG_SAGMaskPreview"}
+    assert set(ours) == {PAG, "AG_SelfAttentionGuidance", "AG_SAGMaskPreview", "AG_SmoothedEnergyGuidance"}
     # the frontend (1.32) asks /extensions/<the folder in python_module "custom_nodes.<folder>">/docs/<node>.md
     folder = module.split(".")[1]
     for name, node in ours.items():

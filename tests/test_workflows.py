@@ -29,7 +29,7 @@ from support.server import ComfyServerError
 from support.workflow_convert import (FRONTEND_ONLY_TYPES, WorkflowError, check_values, meaning_changes,
                                       ui_to_api, widget_layout)
 
-EXPECTED_EXAMPLES = EXECUTED_EXAMPLES | {"sdxl_pag_cfg", "sd3_pag_cfg", "flux_dev_pag"}
+EXPECTED_EXAMPLES = EXECUTED_EXAMPLES | {"sdxl_pag_cfg", "sd3_pag_cfg", "flux_dev_pag", "sdxl_seg_pag"}
 NAMES = example_names()
 MODEL_LOADER_INPUTS = {"CheckpointLoaderSimple": ("ckpt_name",), "ControlNetLoader": ("control_net_name",),
                        "UNETLoader": ("unet_name",), "DualCLIPLoader": ("clip_name1", "clip_name2"),
@@ -165,7 +165,7 @@ def test_example_layers_exist_in_the_full_size_model_it_loads(name, object_info)
     prompt = ui_to_api(load_example(name), object_info)
     checked = 0
     for node_id, entry in prompt.items():
-        if entry["class_type"] == "AG_PerturbedAttentionGuidance":
+        if entry["class_type"] in ("AG_PerturbedAttentionGuidance", "AG_SmoothedEnergyGuidance"):
             assert full_size_layout(prompt, node_id).select(entry["inputs"]["layers"])
         elif entry["class_type"] == "AG_SelfAttentionGuidance":
             select_sag_site(full_size_layout(prompt, node_id), entry["inputs"]["layer"])

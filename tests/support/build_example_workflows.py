@@ -123,6 +123,10 @@ def pag(pos=(460, 20), model=("ckpt", 0), **widgets) -> Node:
     return Node("pag", "AG_PerturbedAttentionGuidance", pos, widgets, {"model": model}, size=(380, 210))
 
 
+def seg(pos=(460, 20), model=("ckpt", 0), **widgets) -> Node:
+    return Node("seg", "AG_SmoothedEnergyGuidance", pos, widgets, {"model": model}, size=(380, 190))
+
+
 COMPARE = ("Compare: the seed is fixed, so bypassing the guidance node (select it, Ctrl+B) and queueing "
            "again shows the same image without it.")
 
@@ -189,6 +193,32 @@ def workflows() -> list[Workflow]:
                 empty_latent(1024, 1024),
                 sampler(("pag", 0), ("positive", 0), ("negative", 0), ("latent", 0), cfg=4.0),
                 *decode_and_save("sdxl_pag"),
+            ],
+        ),
+        Workflow(
+            "sdxl_seg_pag", "SDXL + SEG and PAG with CFG",
+            "Smoothed Energy Guidance (Hong, NeurIPS 2024) and Perturbed-Attention Guidance chained on SDXL, "
+            "added to classifier-free guidance.\n\n"
+            "SEG blurs the queries of the middle block's self-attention in a copy of the positive prediction "
+            "(a smoothed attention energy) and guides away from it; PAG does the same with the attention "
+            "replaced by the identity. Both copies ride in the sampler's own forward: one forward of four "
+            "chunks per step.\n\n"
+            "Settings: each method's published SDXL values (SEG-SDXL: scale 3, layers 'mid', blur sigma 10, "
+            "the paper's Table 1 setting; 10000 or more is the infinite blur, stronger; PAG: scale 3 on 'mid' "
+            "with CFG 4). No settings for the pair are published: a starting point; lower the scales if the "
+            f"image looks over-sharpened.\n\n{COMPARE} Bypass each node in turn to see its share.\n\n"
+            f"Model: {SDXL} in models/checkpoints.",
+            [
+                note(),
+                checkpoint(SDXL),
+                seg(scale=3.0, blur_sigma=10.0, layers="mid", start_percent=0.0, end_percent=1.0),
+                pag(pos=(460, 250), model=("seg", 0), scale=3.0, layers="mid", adaptive_scale=0.0,
+                    start_percent=0.0, end_percent=1.0, rescale=0.0),
+                *text_encoders("a cinematic photograph of a lighthouse on a cliff at dusk, waves, volumetric light",
+                               NEGATIVE, y=500),
+                empty_latent(1024, 1024, pos=(460, 940)),
+                sampler(("pag", 0), ("positive", 0), ("negative", 0), ("latent", 0), cfg=4.0),
+                *decode_and_save("sdxl_seg_pag"),
             ],
         ),
         Workflow(
