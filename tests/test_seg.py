@@ -13,7 +13,7 @@ from attention_guidance.nodes.pag import PerturbedAttentionGuidance
 from attention_guidance.nodes.sag import SelfAttentionGuidance
 from attention_guidance.nodes.seg import SmoothedEnergyGuidance
 from support.diffusers_twin import make_twin
-from support.dit_models import build_dit, make_dit_conditioning, noisy_dit_latent
+from support.dit_models import build_dit, empty_dit_latent, make_dit_conditioning, noisy_dit_latent
 from support.models import build_model, count_model_calls, denoise_once, make_conditioning, short_of_memory
 from support.seg_reference import direct_query_blur, seg_reference
 
@@ -171,6 +171,30 @@ def test_dit_image_queries_are_blurred_and_text_queries_kept(family, blur_sigma)
         expected = blurred.reshape(image.shape[0], image.shape[2], image.shape[1], -1).transpose(1, 2)
         assert torch.allclose(copy_q[:, :, text:].double(), expected, atol=1e-5)
         assert not torch.allclose(copy_q[:, :, text:], image, atol=1e-3)
+
+
+@pytest.mark.parametrize("family, block", [("flux", "double.1"), ("qwen_image", "double.1")])
+def test_reference_image_tokens_of_flux_kontext_and_qwen_image_edit_keep_their_queries(family, block):
+    # reference latents add image tokens after the generated image's: only the generated grid is blurred
+    model = tiny(family)
+    calls = []
+    recorded = model.clone()
+    recorded.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = recording_override(calls)
+    positive, negative = make_dit_conditioning(family, batch=1, seed=15)
+    reference = torch.randn(empty_dit_latent(model, (1, 16, 6, 6)).shape, generator=torch.Generator().manual_seed(16))
+    with_reference = [[positive[0][0], {**positive[0][1], "reference_latents": [reference]}]]
+    x, sigma = noisy_dit_latent(model, 0.6, shape=(1, 16, 8, 10))
+    denoise_once(seg(recorded, blur_sigma=1.5, layers=block), with_reference, negative, x, sigma, 3.0)
+    copy = next(i for i, (ids, _) in enumerate(calls) if ids == [2])
+    (rest_ids, rest_q), (_, copy_q) = calls[copy - 1], calls[copy]
+    positive_q = rest_q[rest_ids.index(0):rest_ids.index(0) + 1]
+    text, image = 7, 4 * 5
+    assert copy_q.shape[2] == text + image + 3 * 3  # the reference's 3x3 tokens after the image's 4x5
+    assert torch.allclose(copy_q[:, :, text + image:], positive_q[:, :, text + image:], atol=1e-5)
+    generated = positive_q[:, :, text:text + image]
+    blurred = direct_query_blur(generated.transpose(1, 2).flatten(2), (4, 5), 1.5, 1)
+    expected = blurred.reshape(1, image, generated.shape[1], -1).transpose(1, 2)
+    assert torch.allclose(copy_q[:, :, text:text + image].double(), expected, atol=1e-5)
 
 
 # --- one forward per step, chaining with PAG and SAG -----------------------------------------------------
