@@ -6,7 +6,9 @@ from typing import Callable
 import torch
 
 from ..guidance_core.rows import chunk_rows
-from ..pag_core import joint_identity_attention
+from ..pag_core import (
+    image_first_to_text_first, joint_identity_attention, mask_image_first_to_text_first, text_first_to_image_first,
+)
 from ..sag_core import key_attention_mass
 from .attention_sites import guidance_options
 from .dit_attention import DiTAttention
@@ -25,7 +27,14 @@ def perturbed_attention_handler(instance: str, perturbing: Callable[[], None]):
         perturbing()
 
         def perturbed(part: DiTAttention):
-            out = joint_identity_attention(part.q_heads(), part.k_heads(), part.v_heads(), part.text_tokens, part.mask)
+            q, k, v, mask = part.q_heads(), part.k_heads(), part.v_heads(), part.mask
+            if part.image_first:
+                image = part.length - part.text_tokens
+                q, k, v = (image_first_to_text_first(t, image) for t in (q, k, v))
+                mask = mask_image_first_to_text_first(mask, image)
+            out = joint_identity_attention(q, k, v, part.text_tokens, mask)
+            if part.image_first:
+                out = text_first_to_image_first(out, part.length - part.text_tokens)
             return part.from_heads(out)
 
         return call.split(lambda c: c == cond_id, perturbed, lambda part: part.run())
@@ -47,8 +56,8 @@ def key_mass_recorder(instance: str, record_option: str, records: dict, make_rec
     Text tokens are left out: the mass is that of the joint attention probabilities of image queries
     over image keys, renormalised per query (the same as a softmax over the image keys alone), so it
     averages 1.0 per key as in a UNet and the threshold keeps its meaning. Only the generated image's
-    ``h x w`` grid counts (not Flux Kontext's reference tokens); SD3.5's image-only ``attn2`` is not
-    recorded, the block's joint attention is.
+    ``h x w`` grid counts (not Flux Kontext's reference tokens, nor NextDiT's padding); SD3.5's image-only
+    ``attn2`` is not recorded, the block's joint attention is.
     """
 
     def handler(call: DiTAttention):
@@ -59,7 +68,7 @@ def key_mass_recorder(instance: str, record_option: str, records: dict, make_rec
         if ref_id is None or not positions or not call.joint:
             return out
         grid = call.image_grid()
-        image = slice(call.text_tokens, call.text_tokens + grid[0] * grid[1])
+        image = call.image_tokens_of_grid()
         rows = chunk_rows(chunks, positions, call.q.shape[0], call.q.device)
         q, k = call.q_heads()[rows][:, :, image], call.k_heads()[rows][:, :, image]
         with torch.profiler.record_function("attention_guidance.sag_key_mass"):

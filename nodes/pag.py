@@ -17,6 +17,7 @@ from .batched_pass import add_batched_positive_copy, clear_after_sampling
 from .dit_attention import install_dit_handler
 from .dit_handlers import perturbed_attention_handler
 from .dit_layout import attention_layout
+from .layer_choice import layers_in_use, log_once_per_run
 from .post_cfg_watch import PostCfgWatch
 
 CATEGORY = "model_patches/attention_guidance"
@@ -40,13 +41,16 @@ class PerturbedAttentionGuidance(io.ComfyNode):
                     tooltip="PAG scale s in cfg + s * (cond - perturbed). 3.0 with CFG, about 5.0 alone. 0 disables.",
                 ),
                 io.String.Input(
-                    "layers", default="mid", multiline=False,
+                    "layers", default="auto", multiline=False,
                     tooltip=(
-                        "Self-attention layers to perturb, comma-separated: 'mid', 'down_blocks.2', "
+                        "Self-attention layers to perturb. 'auto': the model family's default (UNets 'mid'; "
+                        "SD3 'joint.13'; Flux, Chroma 'double.7-9'; others in the node docs), logged at the "
+                        "first step. Or comma-separated: 'mid', 'down_blocks.2', "
                         "'up_blocks.0.attentions.1' (diffusers), 'm0', 'u0.4', 'd2.2-9' (paper / "
                         "sd-perturbed-attention index), 'middle.0' (host block). SD3: 'joint.13' or "
                         "'transformer_blocks.13'; Flux, Chroma: 'double.7', 'single.20', 'single.0-9'; "
-                        "Qwen-Image: 'double.30'. A wrong name lists the model's layers."
+                        "Qwen-Image: 'double.30'; Z-Image, Lumina 2: 'layers.16'; HiDream: 'double.8'. A wrong "
+                        "name lists the model's layers."
                     ),
                 ),
                 io.Float.Input(
@@ -74,10 +78,12 @@ class PerturbedAttentionGuidance(io.ComfyNode):
         validate_pag_inputs(scale, adaptive_scale, rescale)
         validate_percent_window(start_percent, end_percent)
         layout = attention_layout(model, "Perturbed-Attention Guidance")
+        spec = layout.resolve(layers, "pag")
         try:
-            sites = layout.select(layers)
+            sites = layout.select(spec)
         except LayerSpecError as error:
             raise LayerSpecError(f"PAG layers: {error}") from None
+        in_use = layers_in_use("Perturbed-Attention Guidance", "layers", layers, spec, layout, sites, "pag")
         m = model.clone()
         if scale == 0.0:
             return io.NodeOutput(m)
@@ -108,7 +114,7 @@ class PerturbedAttentionGuidance(io.ComfyNode):
                 chunks = chunk_ids(extra_options)
                 if cond_id is None or cond_id not in chunks:
                     return previous(q, k, v, extra_options, **kwargs)
-                require_own_queries(q, k, extra_options, f"PAG layers '{layers}'")
+                require_own_queries(q, k, extra_options, f"PAG layers '{spec}'")
                 perturbing()
                 return split_by_chunk(
                     q, k, v, chunks, lambda c: c == cond_id,
@@ -129,6 +135,7 @@ class PerturbedAttentionGuidance(io.ComfyNode):
             if s == 0.0:
                 return args["denoised"]
             x0_perturbed = perturbed_x0(args)
+            log_once_per_run(run, in_use)
             if not run.get("checked"):
                 # the first guided step of a run always runs the model (a cache such as EasyCache has
                 # nothing to serve yet), so a layer that was not reached here is never reached
@@ -140,7 +147,7 @@ class PerturbedAttentionGuidance(io.ComfyNode):
                         "attn1 replacement or the attention override) without calling the one before: apply "
                         "attention guidance last; or this ComfyUI does not mark the transformer blocks of this "
                         "model (Flux, Chroma and Qwen-Image need the block_type / block_index that ComfyUI 0.3.75 "
-                        "sets and 0.3.64 does not): update ComfyUI.", layers)
+                        "sets and 0.3.64 does not): update ComfyUI.", spec)
             guided = pag_guided(args["denoised"], args["cond_denoised"], x0_perturbed, s)
             return rescale_guided(guided, args["cond_denoised"], rescale)
 
