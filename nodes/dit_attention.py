@@ -178,6 +178,14 @@ class DiTAttention:
                 f"Attention guidance: {self.block.index_name} has {image_tokens} image tokens, fewer than the "
                 f"{grid[0]}x{grid[1]} grid of the {tuple(latent_hw)} latent."
             )
+        if self.image_first and image_tokens != grid[0] * grid[1]:
+            # HiDream E1 puts its edit image beside the generated one (the latent concatenated along the width,
+            # comfy/ldm/hidream/model.py), so the generated image's tokens are not one block of the sequence
+            raise RuntimeError(
+                f"Self-Attention Guidance: {self.block.index_name} has {image_tokens} image tokens, not the "
+                f"{grid[0]}x{grid[1]} of the generated image: an edit image (HiDream E1) lies beside it, where SAG "
+                "cannot map the attention to the image. Use PAG on this model, or SAG without the edit image."
+            )
         return grid
 
     def to_heads(self, t: torch.Tensor) -> torch.Tensor:

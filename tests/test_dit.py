@@ -737,3 +737,18 @@ def test_the_layers_in_use_are_logged_once_per_run(caplog):
             "this one), at the same relative depth).",
             "Self-Attention Guidance on this ZImage model: layer 'layers.2' = single.2.",
         ], run
+
+
+def test_hidream_with_an_edit_image_beside_the_generated_one():
+    # HiDream E1: the edit latent is concatenated along the width; PAG perturbs every image token, SAG refuses
+    # with a message instead of mapping the wrong tokens
+    model = tiny("hidream")
+    positive, negative = make_dit_conditioning("hidream", batch=1, seed=23)
+    edit = torch.randn((1, 16, 8, 8), generator=torch.Generator().manual_seed(24))
+    positive = [[positive[0][0], {**positive[0][1], "concat_latent_image": edit}]]
+    x, sigma = noisy_dit_latent(model, 0.6)
+    plain = denoise_once(model, positive, negative, x, sigma, 3.0)
+    guided = denoise_once(pag(model, layers="auto"), positive, negative, x, sigma, 3.0)
+    assert torch.isfinite(guided).all() and rel_err(guided, plain) > 1e-3
+    with pytest.raises(RuntimeError, match="HiDream E1"):
+        denoise_once(sag(model, layer="auto"), negative, positive, x, sigma, 3.0)  # the edit image on SAG's rows
