@@ -347,8 +347,10 @@ class DiTLayout(DefaultLayers):
         self.diffusers_paths = {kind: (diffusers_paths or {}).get(kind, _DIT_DIFFUSERS_PATH[kind])
                                 for kind in self.depths}
         attention = {kind: (diffusers_attention or {}).get(kind, "attn") for kind in self.depths}
-        self.sites: list[DiTBlock] = [DiTBlock(kind, i, self.host_paths[kind], self.diffusers_paths[kind], attention[kind])
-                                      for kind, n in self.depths.items() for i in range(n)]
+        self.sites: list[DiTBlock] = [
+            DiTBlock(kind, i, self.host_paths[kind], self.diffusers_paths[kind], attention[kind])
+            for kind, n in self.depths.items() for i in range(n)
+        ]
         if defaults is None:
             kind, n = max(self.depths.items(), key=lambda item: item[1])
             defaults = {"pag": f"{kind}.{n // 2}", "sag": f"{kind}.{n // 2}"}
@@ -405,8 +407,8 @@ class DiTLayout(DefaultLayers):
         block, blocks = self._examples()
         raise LayerSpecError(
             f"Cannot read layer '{entry}'. Write a block such as '{block}', a range such as '{blocks}', or a "
-            f"diffusers / host path such as '{self.diffusers_paths[self.sites[0].kind]}.{self.sites[0].index}'. This {self.family} "
-            f"model has:\n{self.describe()}"
+            f"diffusers / host path such as '{self.diffusers_paths[self.sites[0].kind]}.{self.sites[0].index}'. "
+            f"This {self.family} model has:\n{self.describe()}"
         )
 
     @staticmethod
