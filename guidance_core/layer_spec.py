@@ -21,6 +21,9 @@ freely):
 
 DiT models (SD3's MMDiT, Flux) have transformer blocks instead: ``DiTLayout`` at the end of this file
 (``joint.13``, ``double.7``, ``single.20``, diffusers' ``transformer_blocks.13``).
+
+Every layout carries its family's default choice per node kind (``default_layers("pag")``, with
+``default_source``), which the nodes' default input ``auto`` stands for.
 """
 from __future__ import annotations
 
@@ -104,10 +107,77 @@ def select_sites(spec: str, sites: list, match, empty_message: str, missing_mess
     return [s for s in sites if s in chosen]
 
 
-class AttentionLayout:
+# The node input that stands for the family's default layers.
+AUTO = "auto"
+# Node kinds without a default of their own use another kind's: SEG perturbs attention where PAG does.
+_DEFAULT_KIND_FALLBACK = {"seg": "pag"}
+# The nodes' default specs before 'auto' (0.1.0), which saved workflows keep: on a UNet they are the
+# defaults below; on a DiT they never named a block, so there they stand for the family's default.
+LEGACY_DEFAULTS = {"pag": "mid", "sag": "m0.0"}
+
+UNET_DEFAULTS = {"pag": "mid", "sag": "m0.0"}
+UNET_DEFAULT_SOURCES = {
+    "pag": "diffusers' PAG default pag_applied_layers='mid' (the paper's SD1.5 'm0')",
+    "sag": "diffusers' StableDiffusionSAGPipeline and ComfyUI's SAG node: the middle block's first transformer",
+}
+
+
+class DefaultLayers:
+    """The family's default layer choice per node kind ("pag", "sag", ...), each with its source."""
+
+    defaults: dict[str, str]
+    default_sources: dict[str, str]
+    legacy_defaults_apply = False  # True on DiTs: the UNet defaults of 0.1.0 mean 'auto' there
+
+    def _kind(self, kind: str) -> str:
+        return kind if kind in self.defaults else _DEFAULT_KIND_FALLBACK.get(kind, "pag")
+
+    def default_layers(self, kind: str) -> str:
+        """The spec ``auto`` stands for in a node of ``kind`` on this model."""
+        return self.defaults[self._kind(kind)]
+
+    def default_source(self, kind: str) -> str:
+        """Where ``default_layers(kind)`` comes from (published settings, or how it was chosen)."""
+        return self.default_sources[self._kind(kind)]
+
+    def resolve(self, spec: str, kind: str) -> str:
+        """The spec a node of ``kind`` uses: ``auto`` is the family's default (as is, on a DiT, the UNet default
+        a workflow saved before 'auto' carries); anything else is itself."""
+        text = (spec or "").strip().lower()
+        if text == AUTO or (self.legacy_defaults_apply and text == LEGACY_DEFAULTS.get(kind)):
+            return self.default_layers(kind)
+        return spec
+
+
+def scaled_block_range(first: int, last: int, published_depth: int, depth: int) -> tuple[int, int]:
+    """Published blocks ``first``-``last`` of a ``published_depth``-block stack, moved to a ``depth``-block one:
+    as many blocks (at most ``depth``), centred at the same relative depth; the same blocks where the depths
+    are equal."""
+    count = min(last - first + 1, depth)
+    centre = (first + last) / 2 * (depth - 1) / max(1, published_depth - 1)
+    start = round(centre - (count - 1) / 2)
+    start = max(0, min(start, depth - count))
+    return start, start + count - 1
+
+
+def describe_sites(sites) -> str:
+    """Index names of ``sites``, consecutive ones of a module or kind as a range: 'double.7-9, single.3'."""
+    groups: list[list] = []
+    for site in sites:
+        prefix, _, number = site.index_name.rpartition(".")
+        if groups and groups[-1][0] == prefix and groups[-1][2] == int(number) - 1:
+            groups[-1][2] = int(number)
+        else:
+            groups.append([prefix, int(number), int(number)])
+    return ", ".join(f"{p}.{a}" if a == b else f"{p}.{a}-{b}" for p, a, b in groups)
+
+
+class AttentionLayout(DefaultLayers):
     """All self-attention sites of one model, in forward order (down, mid, up)."""
 
     def __init__(self, modules: list[AttentionModule]):
+        self.defaults = dict(UNET_DEFAULTS)
+        self.default_sources = dict(UNET_DEFAULT_SOURCES)
         order = {"input": 0, "middle": 1, "output": 2}
         self.modules = sorted(modules, key=lambda m: (order[m.block], m.block_id))
         self.sites: list[AttentionSite] = []
@@ -204,9 +274,13 @@ class AttentionLayout:
 #   double  double.7    double_blocks.7        transformer_blocks.7(.attn)         Flux, Chroma
 #   single  single.20   single_blocks.20       single_transformer_blocks.20(.attn) Flux, Chroma
 #   double  double.30   transformer_blocks.30  transformer_blocks.30(.attn)        Qwen-Image
+#   single  single.15   layers.15              layers.15(.attention / .attn)       Z-Image / Lumina 2 (NextDiT)
+#   double  double.8    double_stream_blocks.8 double_stream_blocks.8(.block.attn1) HiDream
+#   single  single.20   single_stream_blocks.20 single_stream_blocks.20(.block.attn1) HiDream
 #
 # (Flux and Chroma call their dual-stream blocks double_blocks; Qwen-Image's are the same kind of block,
-# which the host names "double" too, under transformer_blocks: a layout can give a kind another host path.)
+# which the host names "double" too, under transformer_blocks: a layout can give a kind another host path,
+# and another diffusers path and attention module name.)
 #
 # Accepted entries: a short name, a range of one kind (``single.0-9``), a kind alone (every block of
 # it), or a module path matched on whole dot-separated components of the host or diffusers name, as
@@ -227,8 +301,11 @@ class DiTBlock:
 
     kind: str  # "joint" | "double" | "single"
     index: int
-    # the host's module list where it is not the kind's usual one; not part of the block's identity
+    # the host's and diffusers' module list and diffusers' attention module where they are not the kind's
+    # usual ones; not part of the block's identity
     host_path: str | None = field(default=None, compare=False)
+    diffusers_path: str | None = field(default=None, compare=False)
+    diffusers_attention: str = field(default="attn", compare=False)
 
     @property
     def index_name(self) -> str:
@@ -240,28 +317,46 @@ class DiTBlock:
 
     @property
     def diffusers_name(self) -> str:
-        return f"{_DIT_DIFFUSERS_PATH[self.kind]}.{self.index}.attn"
+        return f"{self.diffusers_path or _DIT_DIFFUSERS_PATH[self.kind]}.{self.index}.{self.diffusers_attention}"
 
 
-class DiTLayout:
+class DiTLayout(DefaultLayers):
     """The transformer blocks of one DiT, in forward order.
 
     ``family`` names the model in messages (e.g. "SD3", "Flux"); ``architecture`` is the node's key for
-    how to reach the blocks ("mmdit" or "flux"); ``depths`` maps each kind to its block count, in
+    how to reach the blocks (see nodes/dit_attention.py); ``depths`` maps each kind to its block count, in
     forward order; ``notes`` adds a line per kind to ``describe`` (e.g. which blocks have a second,
-    image-only self-attention); ``host_paths`` gives a kind's host module list where it is not the usual
-    one (Qwen-Image's double blocks are its ``transformer_blocks``).
+    image-only self-attention); ``host_paths`` / ``diffusers_paths`` give a kind's module list where it is
+    not the usual one (Qwen-Image's double blocks are its ``transformer_blocks``) and ``diffusers_attention``
+    its attention module in diffusers (``attn``). ``defaults`` is the family's default spec per node kind
+    ("pag", "sag"; other kinds use PAG's), ``default_sources`` says where each comes from; without them the
+    middle block of the largest kind, for which nothing is published.
     """
 
+    legacy_defaults_apply = True
+
     def __init__(self, family: str, architecture: str, depths: dict[str, int], notes: dict[str, str] | None = None,
-                 host_paths: dict[str, str] | None = None):
+                 host_paths: dict[str, str] | None = None, defaults: dict[str, str] | None = None,
+                 default_sources: dict[str, str] | None = None, diffusers_paths: dict[str, str] | None = None,
+                 diffusers_attention: dict[str, str] | None = None):
         self.family = family
         self.architecture = architecture
         self.depths = dict(depths)
         self.notes = dict(notes or {})
         self.host_paths = {kind: (host_paths or {}).get(kind, _DIT_HOST_PATH[kind]) for kind in self.depths}
-        self.sites: list[DiTBlock] = [DiTBlock(kind, i, self.host_paths[kind])
-                                      for kind, n in self.depths.items() for i in range(n)]
+        self.diffusers_paths = {kind: (diffusers_paths or {}).get(kind, _DIT_DIFFUSERS_PATH[kind])
+                                for kind in self.depths}
+        attention = {kind: (diffusers_attention or {}).get(kind, "attn") for kind in self.depths}
+        self.sites: list[DiTBlock] = [
+            DiTBlock(kind, i, self.host_paths[kind], self.diffusers_paths[kind], attention[kind])
+            for kind, n in self.depths.items() for i in range(n)
+        ]
+        if defaults is None:
+            kind, n = max(self.depths.items(), key=lambda item: item[1])
+            defaults = {"pag": f"{kind}.{n // 2}", "sag": f"{kind}.{n // 2}"}
+            default_sources = {k: "none published for this family: the middle block" for k in defaults}
+        self.defaults = dict(defaults)
+        self.default_sources = dict(default_sources or {})
 
     def describe(self) -> str:
         """The blocks of this model in all three spellings, one kind per line."""
@@ -270,7 +365,7 @@ class DiTLayout:
             if n == 0:
                 continue
             indices = "0" if n == 1 else f"0-{n - 1}"
-            line = (f"  {kind}.{indices} = {_DIT_DIFFUSERS_PATH[kind]}.{indices} "
+            line = (f"  {kind}.{indices} = {self.diffusers_paths[kind]}.{indices} "
                     f"(host {self.host_paths[kind]}.{indices})")
             if kind in self.notes:
                 line += f"; {self.notes[kind]}"
@@ -312,8 +407,8 @@ class DiTLayout:
         block, blocks = self._examples()
         raise LayerSpecError(
             f"Cannot read layer '{entry}'. Write a block such as '{block}', a range such as '{blocks}', or a "
-            f"diffusers / host path such as '{self.sites[0].diffusers_name[:-len('.attn')]}'. This {self.family} "
-            f"model has:\n{self.describe()}"
+            f"diffusers / host path such as '{self.diffusers_paths[self.sites[0].kind]}.{self.sites[0].index}'. "
+            f"This {self.family} model has:\n{self.describe()}"
         )
 
     @staticmethod

@@ -18,10 +18,25 @@ Where a call comes from:
   counts from the block's inputs. Its joint attention runs over ``cat(text, image)``; SD3.5 Medium blocks
   also run an image-only self-attention (``attn2``) with the same options, told apart by its length.
 
+- Z-Image and Lumina 2 (NextDiT, comfy/ldm/lumina/model.py) and HiDream (comfy/ldm/hidream/model.py) set
+  no block index in 0.3.75 (the newest host marks NextDiT's main layers, not its refiners, and HiDream's
+  blocks not at all) and take no block replacement; every block, the refiners included, hands
+  transformer_options to the attention. An object patch on each chosen block's ``forward`` (the host's
+  ``add_object_patch``, undone when the model is unpatched) runs the block with a copy of
+  transformer_options that names it, on every host alike. NextDiT attends over ``cat(text, image)`` in its
+  main ``layers`` (text padded, then the image's tokens, then their padding); HiDream over
+  ``cat(image, text)`` in its double- and single-stream blocks (its text: T5, Llama's last layer and the
+  Llama layer of that block).
+
 Token counts are always measured, never guessed: MMDiT's from the block inputs; Flux's text length from
 the text stream entering its first double block (a block replacement there writes it into the forward's
-transformer_options, the dict Flux hands to every later block, as it does with ``block_index``); the
-latent's size from an APPLY_MODEL wrapper, for the token grid.
+transformer_options, the dict Flux hands to every later block, as it does with ``block_index``);
+NextDiT's image stream (image and padding tokens) from the input of its first noise refiner, HiDream's
+image tokens from the image stream entering its first double-stream block (an object patch there writes
+them into that same dict); the latent's size from an APPLY_MODEL wrapper, for the token grid.
+
+How each architecture is reached is one entry of ``ARCHITECTURES`` (``DiTArchitecture``): how an attention
+call names its block and text length, the token order, the token grid, and what to install on the model.
 """
 from __future__ import annotations
 
@@ -41,6 +56,8 @@ OVERRIDE = "optimized_attention_override"
 MMDIT_BLOCK = "dit_mmdit_block"  # the MMDiT block running now (an MMDiTBlockMark), set by our block replacement
 TEXT_TOKENS = "dit_text_tokens"  # Flux: text tokens of this forward
 LATENT_HW = "dit_latent_hw"  # (H, W) of the latent this forward runs on
+MARKED_BLOCK = "dit_block"  # NextDiT, HiDream: the chosen block running now (a DiTBlock), set by our object patch
+IMAGE_STREAM = "dit_image_stream"  # NextDiT, HiDream: image-stream tokens of this forward (NextDiT: with padding)
 
 # The host attention functions' parameters (attention_pytorch and the others, 0.3.75), positional order.
 _PARAMETERS = ("q", "k", "v", "heads", "mask", "attn_precision", "skip_reshape", "skip_output_reshape")
@@ -58,14 +75,21 @@ def _run_attention(func, *args, **kwargs):
     return func(*args, **kwargs)
 
 
+def _mmdit_grid(patch_size: int, latent_hw) -> tuple[int, int]:
+    height, width = latent_hw  # MMDiT.cropped_pos_embed / unpatchify
+    return (height + 1) // patch_size, (width + 1) // patch_size
+
+
+def _padded_grid(patch_size: int, latent_hw) -> tuple[int, int]:
+    # Flux._forward and Chroma._forward: (h + p // 2) // p, which is ceil(h / p) for their patch sizes
+    # (1, 2); Chroma Radiance, NextDiT and HiDream pad the latent to the patch size first: ceil(h / p)
+    height, width = latent_hw
+    return -(-height // patch_size), -(-width // patch_size)
+
+
 def token_grid(architecture: str, patch_size: int, latent_hw) -> tuple[int, int]:
     """The image token grid the model makes of an ``(H, W)`` latent (each pads to its patch size)."""
-    height, width = latent_hw
-    if architecture == "mmdit":  # MMDiT.cropped_pos_embed / unpatchify
-        return (height + 1) // patch_size, (width + 1) // patch_size
-    # Flux._forward and Chroma._forward: (h + p // 2) // p, which is ceil(h / p) for their patch sizes
-    # (1, 2); Chroma Radiance pads its pixels to the patch size (16) first: ceil(h / p)
-    return -(-height // patch_size), -(-width // patch_size)
+    return ARCHITECTURES[architecture].token_grid(patch_size, latent_hw)
 
 
 class DiTAttention:
@@ -74,11 +98,11 @@ class DiTAttention:
     ``q``, ``k``, ``v`` are in the caller's layout (``[B, L, heads * D]``, or ``[B, heads, L, D]`` where the
     caller passed ``skip_reshape``); ``q_heads()`` etc. give ``[B, heads, L, D]``. ``chunks`` is the host's
     ``cond_or_uncond`` for these rows. ``joint`` is False only for SD3.5's image-only ``attn2``; text tokens
-    come first.
+    come first, except where ``image_first`` (HiDream: the image stream, then the text).
     """
 
     def __init__(self, previous, func, values: dict, positional: int, block: DiTBlock, architecture: str,
-                 patch_size: int, text_tokens: int | None, joint: bool):
+                 patch_size: int, text_tokens: int | None, joint: bool, image_first: bool = False):
         self._previous = previous
         self._func = func
         self._values = values
@@ -88,6 +112,7 @@ class DiTAttention:
         self.patch_size = patch_size
         self._text_tokens = text_tokens
         self.joint = joint
+        self.image_first = image_first
 
     # what the call carries ---------------------------------------------------------------------------
     @property
@@ -127,14 +152,22 @@ class DiTAttention:
     def text_tokens(self) -> int:
         if self._text_tokens is None:
             raise RuntimeError(
-                f"Attention guidance could not read the text length of this Flux / Chroma forward at "
-                f"{self.block.index_name}: another node replaced the model's first double block without running "
+                f"Attention guidance could not read the text length of this {self.architecture} forward at "
+                f"{self.block.index_name}: another node replaced the model's first double block (Flux, Chroma), "
+                "first noise refiner (Z-Image, Lumina 2) or first double-stream block (HiDream) without running "
                 "ours. Apply the attention guidance node after that node."
             )
         return self._text_tokens
 
+    def image_tokens_of_grid(self) -> slice:
+        """Where the generated image's ``h * w`` grid tokens are in the sequence: the first of the image stream
+        (after the text, or at the start where ``image_first``)."""
+        grid = self.image_grid()
+        start = 0 if self.image_first else self.text_tokens
+        return slice(start, start + grid[0] * grid[1])
+
     def image_grid(self) -> tuple[int, int]:
-        """``(h, w)`` token grid of the generated image: its tokens are the first ``h * w`` after the text."""
+        """``(h, w)`` token grid of the generated image: its tokens are the first ``h * w`` of the image stream."""
         latent_hw = guidance_options(self.options).get(LATENT_HW)
         if latent_hw is None:
             raise RuntimeError(f"Attention guidance: the latent size of this forward is unknown at {self.block.index_name}.")
@@ -144,6 +177,14 @@ class DiTAttention:
             raise RuntimeError(
                 f"Attention guidance: {self.block.index_name} has {image_tokens} image tokens, fewer than the "
                 f"{grid[0]}x{grid[1]} grid of the {tuple(latent_hw)} latent."
+            )
+        if self.image_first and image_tokens != grid[0] * grid[1]:
+            # HiDream E1 puts its edit image beside the generated one (the latent concatenated along the width,
+            # comfy/ldm/hidream/model.py), so the generated image's tokens are not one block of the sequence
+            raise RuntimeError(
+                f"Self-Attention Guidance: {self.block.index_name} has {image_tokens} image tokens, not the "
+                f"{grid[0]}x{grid[1]} of the generated image: an edit image (HiDream E1) lies beside it, where SAG "
+                "cannot map the attention to the image. Use PAG on this model, or SAG without the edit image."
             )
         return grid
 
@@ -166,7 +207,7 @@ class DiTAttention:
         """This call with other queries, given as ``[B, heads, L, D]``."""
         q = q_heads if self._values.get("skip_reshape") else q_heads.transpose(1, 2).reshape(self.q.shape)
         return DiTAttention(self._previous, self._func, dict(self._values, q=q), self._positional, self.block,
-                            self.architecture, self.patch_size, self._text_tokens, self.joint)
+                            self.architecture, self.patch_size, self._text_tokens, self.joint, self.image_first)
 
     def from_heads(self, out: torch.Tensor) -> torch.Tensor:
         """``[B, heads, L, D]`` in the layout the caller expects back."""
@@ -191,7 +232,7 @@ class DiTAttention:
             if mask is not None and mask.ndim >= 3 and mask.shape[0] == self.q.shape[0] and mask.shape[0] > 1:
                 values["mask"] = mask[chunk_rows(self.chunks, positions, mask.shape[0], mask.device)]
         return DiTAttention(self._previous, self._func, values, self._positional, self.block, self.architecture,
-                            self.patch_size, self._text_tokens, self.joint)
+                            self.patch_size, self._text_tokens, self.joint, self.image_first)
 
     def split(self, selected: Callable[[int], bool], on_selected: Callable[["DiTAttention"], torch.Tensor],
               on_rest: Callable[["DiTAttention"], torch.Tensor]) -> torch.Tensor:
@@ -206,15 +247,24 @@ class DiTAttention:
 Handler = Callable[[DiTAttention], torch.Tensor]
 
 
-def _locate(architecture: str, options: dict):
-    """(block, text tokens or None, mark) of the attention call with these transformer_options."""
-    if architecture == "mmdit":
-        mark = guidance_options(options).get(MMDIT_BLOCK)
-        return (mark.block, mark.text_tokens, mark) if mark is not None else (None, None, None)
+def _locate_mmdit(options: dict):
+    mark = guidance_options(options).get(MMDIT_BLOCK)
+    return (mark.block, mark.text_tokens, mark) if mark is not None else (None, None, None)
+
+
+def _locate_flux(options: dict):
     kind = options.get("block_type")
     if kind not in ("double", "single"):
         return None, None, None
     return DiTBlock(kind, options.get("block_index")), guidance_options(options).get(TEXT_TOKENS), None
+
+
+def _locate_marked(options: dict):
+    """NextDiT, HiDream: the block our object patch named; the text is the sequence less the image stream,
+    given as a negative count ``-image stream``."""
+    ours = guidance_options(options)
+    block, image_stream = ours.get(MARKED_BLOCK), ours.get(IMAGE_STREAM)
+    return block, (None if image_stream is None else -image_stream), None
 
 
 def _replace_block(model, block_name: str, index: int, run: Callable) -> None:
@@ -229,6 +279,49 @@ def _replace_block(model, block_name: str, index: int, run: Callable) -> None:
         return run(args, extra, previous_block)
 
     model.set_model_patch_replace(attention_guidance_block, "dit", block_name, index)
+
+
+def _patch_block_forward(model, module: str, run: Callable) -> None:
+    """An object patch on the ``forward`` of the diffusion model's ``module`` (e.g. ``layers.3``), chained:
+    ``run(previous_forward, args, kwargs)``."""
+    key = f"diffusion_model.{module}.forward"
+    previous = model.get_model_object(key)  # the block's own forward, or an earlier node's patch
+
+    def attention_guidance_forward(*args, **kwargs):
+        return run(previous, args, kwargs)
+
+    model.add_object_patch(key, attention_guidance_forward)
+
+
+def _mark_block(block: DiTBlock):
+    """Run the block with its transformer_options naming it. In place, as the host sets block_index: the
+    dict is this forward's own, and what a block inside writes there (the image stream) must stay."""
+
+    def run(previous, args, kwargs):
+        options = kwargs.get("transformer_options")
+        if options is None:
+            return previous(*args, **kwargs)
+        options[GUIDANCE_OPTIONS] = {**options.get(GUIDANCE_OPTIONS, {}), MARKED_BLOCK: block}
+        try:
+            return previous(*args, **kwargs)
+        finally:
+            options[GUIDANCE_OPTIONS] = {k: v for k, v in options[GUIDANCE_OPTIONS].items() if k != MARKED_BLOCK}
+
+    return run
+
+
+def _stamp_image_stream(argument: str):
+    """Write the token count of the block's first argument (``argument``) into the forward's
+    transformer_options, in place: the model hands that same dict to every later block."""
+
+    def run(previous, args, kwargs):
+        options = kwargs.get("transformer_options")
+        if options is not None:
+            tokens = args[0] if args else kwargs[argument]
+            options[GUIDANCE_OPTIONS] = {**options.get(GUIDANCE_OPTIONS, {}), IMAGE_STREAM: tokens.shape[1]}
+        return previous(*args, **kwargs)
+
+    return run
 
 
 def _mark_mmdit_block(block: DiTBlock):
@@ -249,6 +342,54 @@ def _stamp_flux_text_tokens(args, extra, previous_block):
     return previous_block(args, extra)
 
 
+def _install_mmdit(model, layout: DiTLayout, blocks: list[DiTBlock]) -> None:
+    for block in blocks:
+        _replace_block(model, "double_block", block.index, _mark_mmdit_block(block))
+
+
+def _install_flux(model, layout: DiTLayout, blocks: list[DiTBlock]) -> None:
+    _replace_block(model, "double_block", 0, _stamp_flux_text_tokens)
+
+
+def _install_marks(measured_at: str, argument: str):
+    """Object patches: one on the host module ``measured_at`` that measures the image stream from its
+    ``argument``, one on each chosen block that names it."""
+
+    def install(model, layout: DiTLayout, blocks: list[DiTBlock]) -> None:
+        _patch_block_forward(model, measured_at, _stamp_image_stream(argument))
+        for block in blocks:
+            _patch_block_forward(model, block.host_name, _mark_block(block))
+
+    return install
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTArchitecture:
+    """How attention guidance reaches the blocks of one DiT architecture (``DiTLayout.architecture``).
+
+    ``locate(transformer_options)`` gives ``(block or None, text tokens or None, MMDiTBlockMark or None)`` for an
+    attention call (a negative text count ``-n`` means the call's length less ``n``); ``install(model, layout,
+    blocks)`` puts on the model (a clone) what lets ``locate`` name the chosen blocks; ``token_grid(patch size,
+    (H, W))`` is the image's token grid; ``image_first`` where the image stream comes before the text.
+    """
+
+    locate: Callable[[dict], tuple]
+    install: Callable[[object, DiTLayout, list], None]
+    token_grid: Callable[[int, tuple], tuple] = _padded_grid
+    image_first: bool = False
+
+
+ARCHITECTURES: dict[str, DiTArchitecture] = {
+    "mmdit": DiTArchitecture(_locate_mmdit, _install_mmdit, _mmdit_grid),
+    "flux": DiTArchitecture(_locate_flux, _install_flux),
+    # NextDiT's first noise refiner runs on the image stream alone (its tokens and their padding)
+    "nextdit": DiTArchitecture(_locate_marked, _install_marks("noise_refiner.0", "x")),
+    # HiDream's first double-stream block takes the image stream alone (image_tokens)
+    "hidream": DiTArchitecture(_locate_marked, _install_marks("double_stream_blocks.0", "image_tokens"),
+                               image_first=True),
+}
+
+
 def _stamp_latent_size(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
     ours = {**transformer_options.get(GUIDANCE_OPTIONS, {}), LATENT_HW: tuple(x.shape[-2:])}
     return executor(x, t, c_concat, c_crossattn, control, {**transformer_options, GUIDANCE_OPTIONS: ours}, **kwargs)
@@ -258,17 +399,22 @@ def install_dit_handler(model, layout: DiTLayout, blocks: list[DiTBlock], handle
     """Run ``handler(call)`` for every attention call in ``blocks`` of ``model`` (a clone); it returns the
     call's output and must use ``call.run()`` (or ``call.split``) for every row it does not compute itself."""
     architecture = layout.architecture
+    reach = ARCHITECTURES[architecture]
     patch_size = int(model.get_model_object("diffusion_model").patch_size)
     chosen = frozenset(blocks)
     transformer_options = model.model_options.setdefault("transformer_options", {})
     previous = transformer_options.get(OVERRIDE, _run_attention)
 
     def attention_guidance_override(func, *args, **kwargs):
-        block, text_tokens, mark = _locate(architecture, kwargs.get("transformer_options") or {})
+        block, text_tokens, mark = reach.locate(kwargs.get("transformer_options") or {})
         if block not in chosen:
             return previous(func, *args, **kwargs)
         values = dict(zip(_PARAMETERS, args), **kwargs)
-        call = DiTAttention(previous, func, values, len(args), block, architecture, patch_size, text_tokens, True)
+        call = DiTAttention(previous, func, values, len(args), block, architecture, patch_size, text_tokens, True,
+                            reach.image_first)
+        if text_tokens is not None and text_tokens < 0:  # the call's length less the image stream
+            call = DiTAttention(previous, func, values, len(args), block, architecture, patch_size,
+                                call.length + text_tokens, True, reach.image_first)
         if mark is not None and call.length != mark.text_tokens + mark.image_tokens:
             if call.length != mark.image_tokens:
                 return previous(func, *args, **kwargs)  # not one of the block's self-attentions
@@ -276,9 +422,5 @@ def install_dit_handler(model, layout: DiTLayout, blocks: list[DiTBlock], handle
         return handler(call)
 
     transformer_options[OVERRIDE] = attention_guidance_override
-    if architecture == "mmdit":
-        for block in blocks:
-            _replace_block(model, "double_block", block.index, _mark_mmdit_block(block))
-    else:
-        _replace_block(model, "double_block", 0, _stamp_flux_text_tokens)
+    reach.install(model, layout, blocks)
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _stamp_latent_size)

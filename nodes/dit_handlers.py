@@ -7,7 +7,9 @@ from typing import Callable
 import torch
 
 from ..guidance_core.rows import chunk_rows
-from ..pag_core import joint_identity_attention
+from ..pag_core import (
+    image_first_to_text_first, joint_identity_attention, mask_image_first_to_text_first, text_first_to_image_first,
+)
 from ..sag_core import key_attention_mass
 from ..seg_core import blur_queries
 from .attention_sites import guidance_options
@@ -31,8 +33,15 @@ def perturbed_copy_handler(instance: str, perturbing: Callable[[], None], pertur
 
 def joint_identity(part: DiTAttention) -> torch.Tensor:
     """PAG: diffusers' SD3 PAG attention (each image token attends to itself and the text, text tokens to
-    everything; ``joint_identity_attention``)."""
-    out = joint_identity_attention(part.q_heads(), part.k_heads(), part.v_heads(), part.text_tokens, part.mask)
+    everything; ``joint_identity_attention``), with an image-first sequence (HiDream) put text-first for it."""
+    q, k, v, mask = part.q_heads(), part.k_heads(), part.v_heads(), part.mask
+    if part.image_first:
+        image = part.length - part.text_tokens
+        q, k, v = (image_first_to_text_first(t, image) for t in (q, k, v))
+        mask = mask_image_first_to_text_first(mask, image)
+    out = joint_identity_attention(q, k, v, part.text_tokens, mask)
+    if part.image_first:
+        out = text_first_to_image_first(out, part.length - part.text_tokens)
     return part.from_heads(out)
 
 
@@ -44,7 +53,7 @@ def smoothed_queries(blur_sigma: float):
     def perturb(part: DiTAttention) -> torch.Tensor:
         *frames, height, width = part.image_grid()
         frames = math.prod(frames)
-        image = slice(part.text_tokens, part.text_tokens + frames * height * width)
+        image = part.image_tokens_of_grid()
         q = part.q_heads().clone()
         q[:, :, image] = blur_queries(q[:, :, image], (height, width), blur_sigma, frames)
         return part.with_queries(q).run()

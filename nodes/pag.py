@@ -8,6 +8,7 @@ from ..guidance_core.schedule import validate_percent_window
 from ..pag_core import adaptive_pag_scale, identity_attention, pag_guided, rescale_guided, validate_pag_inputs
 from .dit_handlers import joint_identity
 from .dit_layout import attention_layout
+from .layer_choice import layers_in_use
 from .perturbed_copy import PerturbedCopy
 from .sigma_window import SigmaWindow
 
@@ -17,23 +18,30 @@ CATEGORY = "model_patches/attention_guidance"
 def layers_input() -> io.String.Input:
     """The ``layers`` input of the nodes that perturb a batched copy (PAG, SEG): one default, one syntax."""
     return io.String.Input(
-        "layers", default="mid", multiline=False,
+        "layers", default="auto", multiline=False,
         tooltip=(
-            "Self-attention layers to perturb, comma-separated: 'mid', 'down_blocks.2', "
+            "Self-attention layers to perturb. 'auto': the model family's default (UNets 'mid'; "
+            "SD3 'joint.13'; Flux, Chroma 'double.7-9'; others in the node docs), logged at the "
+            "first step. Or comma-separated: 'mid', 'down_blocks.2', "
             "'up_blocks.0.attentions.1' (diffusers), 'm0', 'u0.4', 'd2.2-9' (paper / "
             "sd-perturbed-attention index), 'middle.0' (host block). SD3: 'joint.13' or "
             "'transformer_blocks.13'; Flux, Chroma: 'double.7', 'single.20', 'single.0-9'; "
-            "Qwen-Image: 'double.30'. A wrong name lists the model's layers."
+            "Qwen-Image: 'double.30'; Z-Image, Lumina 2: 'layers.16'; HiDream: 'double.8'. A wrong "
+            "name lists the model's layers."
         ),
     )
 
 
-def select_layers(layout, layers: str, label: str) -> list:
-    """The sites ``layers`` names in this model; an error starting with ``label`` (e.g. "PAG layers") otherwise."""
+def select_layers(layout, layers: str, node: str, label: str, kind: str) -> tuple[str, list, str]:
+    """``(spec, sites, line)``: the spec ``layers`` stands for on this model (``auto`` = the family's default for
+    nodes of ``kind``), the sites it names, and the line that tells the user which they are; an error starting
+    with ``label`` (e.g. "PAG layers") where it names nothing."""
+    spec = layout.resolve(layers, kind)
     try:
-        return layout.select(layers)
+        sites = layout.select(spec)
     except LayerSpecError as error:
         raise LayerSpecError(f"{label}: {error}") from None
+    return spec, sites, layers_in_use(node, "layers", layers, spec, layout, sites, kind)
 
 
 class PerturbedAttentionGuidance(io.ComfyNode):
@@ -79,7 +87,7 @@ class PerturbedAttentionGuidance(io.ComfyNode):
         validate_pag_inputs(scale, adaptive_scale, rescale)
         validate_percent_window(start_percent, end_percent)
         layout = attention_layout(model, "Perturbed-Attention Guidance")
-        sites = select_layers(layout, layers, "PAG layers")
+        spec, sites, in_use = select_layers(layout, layers, "Perturbed-Attention Guidance", "PAG layers", "pag")
         m = model.clone()
         if scale == 0.0:
             return io.NodeOutput(m)
@@ -95,7 +103,7 @@ class PerturbedAttentionGuidance(io.ComfyNode):
             timestep = window.per_step(sigma, "timestep", lambda: float(sampling.timestep(sigma.flatten()[:1])))
             return adaptive_pag_scale(scale, adaptive_scale, timestep)
 
-        copy = PerturbedCopy(m, layout, sites, "Perturbed-Attention Guidance", layers, f"PAG layers '{layers}'",
+        copy = PerturbedCopy(m, layout, sites, "Perturbed-Attention Guidance", spec, f"PAG layers '{spec}'", in_use,
                              scale_at, lambda q, k, v, options, attend: identity_attention(q, k, v), joint_identity)
 
         def post_cfg_function(args):

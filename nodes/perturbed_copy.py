@@ -18,6 +18,7 @@ from .attention_sites import chunk_ids, guidance_options, install_site_handler, 
 from .batched_pass import add_batched_positive_copy, clear_after_sampling
 from .dit_attention import DiTAttention, install_dit_handler
 from .dit_handlers import perturbed_copy_handler
+from .layer_choice import log_once_per_run
 from .post_cfg_watch import PostCfgWatch
 
 # UNet: perturb(q, k, v, extra_options, attend) for the copy's rows ([B, L, heads * D]); attend(q, k, v)
@@ -29,13 +30,15 @@ DiTPerturbation = Callable[[DiTAttention], "torch.Tensor"]  # noqa: F821
 
 class PerturbedCopy:
     """Installed on ``model`` (the node's clone). ``scale_at(base_model, sigma)`` is the guidance scale of a
-    step, 0 outside the node's window; ``node`` names the node and ``label`` its layers input in messages."""
+    step, 0 outside the node's window; ``node`` names the node and ``label`` its layers input in messages;
+    ``in_use`` is the line naming the layers, logged at the first guided step of each run."""
 
-    def __init__(self, model, layout, sites, node: str, layers: str, label: str,
+    def __init__(self, model, layout, sites, node: str, layers: str, label: str, in_use: str,
                  scale_at: Callable[[object, object], float], perturb_unet: UNetPerturbation,
                  perturb_dit: DiTPerturbation):
         self.node = node
         self.layers = layers
+        self.in_use = in_use
         self.scale_at = scale_at
         instance = uuid.uuid4().hex
         self.watch = PostCfgWatch(model, node)
@@ -81,6 +84,7 @@ class PerturbedCopy:
         if scale == 0.0:
             return None
         x0_perturbed = self._perturbed_x0(args)
+        log_once_per_run(self.run, self.in_use)
         if not self.run.get("checked"):
             # the first guided step of a run always runs the model (a cache such as EasyCache has
             # nothing to serve yet), so a layer that was not reached here is never reached

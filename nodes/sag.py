@@ -39,6 +39,7 @@ from .batched_pass import WRAPPER_KEY, as_own_entries, clear_after_sampling, is_
 from .dit_attention import install_dit_handler
 from .dit_handlers import key_mass_recorder
 from .dit_layout import attention_layout
+from .layer_choice import layers_in_use, log_once_per_run
 from .post_cfg_watch import PostCfgWatch
 from .sigma_window import SigmaWindow
 
@@ -69,7 +70,9 @@ def with_sag_mask_probe(model, keep):
 
 
 def select_sag_site(layout, layer: str):
-    """The one attention site ``layer`` names, or an error that says what it selected."""
+    """The one attention site ``layer`` names (``auto``: the family's default), or an error that says what
+    it selected."""
+    layer = layout.resolve(layer, "sag")
     try:
         sites = layout.select(layer)
     except LayerSpecError as error:
@@ -79,7 +82,7 @@ def select_sag_site(layout, layer: str):
         raise LayerSpecError(
             f"SAG layer: '{layer}' selects {len(sites)} self-attention layers ({names}), but SAG records "
             f"the map of one layer. Name one of them, e.g. '{sites[0].index_name}' "
-            f"(the default 'm0.0' is the middle block's first). This model has:\n{layout.describe()}"
+            f"('auto' is this model's default, {layout.default_layers('sag')}). This model has:\n{layout.describe()}"
         )
     return sites[0]
 
@@ -228,10 +231,12 @@ class SelfAttentionGuidance(io.ComfyNode):
                     tooltip="Gaussian kernel size in latent pixels, odd (diffusers 9). Shrunk automatically on tiny latents.",
                 ),
                 io.String.Input(
-                    "layer", default="m0.0", multiline=False,
-                    tooltip="The one self-attention layer whose map makes the mask: 'm0.0' (middle block, first "
-                    "transformer; diffusers' choice), 'mid', 'd4', 'u0.1', 'up_blocks.0.attentions.1', "
-                    "'middle.0'. SD3: 'joint.13'; Flux, Chroma: 'double.7', 'single.20'; Qwen-Image: 'double.30'. "
+                    "layer", default="auto", multiline=False,
+                    tooltip="The one self-attention layer whose map makes the mask. 'auto': the model family's "
+                    "default (UNets 'm0.0', the middle block's first transformer, diffusers' choice; SD3 'joint.13'; "
+                    "Flux, Chroma 'double.8'; others in the node docs), logged at the first step. Or 'mid', 'd4', "
+                    "'u0.1', 'up_blocks.0.attentions.1', 'middle.0'; SD3: 'joint.13'; Flux, Chroma: 'double.7', "
+                    "'single.20'; Qwen-Image: 'double.30'; Z-Image, Lumina 2: 'layers.16'; HiDream: 'double.8'. "
                     "Same syntax as PAG's layers; a wrong name lists the model's layers.",
                 ),
                 io.Float.Input(
@@ -252,11 +257,15 @@ class SelfAttentionGuidance(io.ComfyNode):
         validate_percent_window(start_percent, end_percent)
         layout = attention_layout(model, "Self-Attention Guidance")
         site = select_sag_site(layout, layer)
+        in_use = layers_in_use("Self-Attention Guidance", "layer", layer, layout.resolve(layer, "sag"), layout, [site],
+                               "sag")
         m = model.clone()
         if scale == 0.0:
             return io.NodeOutput(m)
         instance = uuid.uuid4().hex
         records: dict = {}
+        run: dict = {}  # this sampling run: "layers_logged"
+        clear_after_sampling(m, run)
         warned: list = []
         watch = PostCfgWatch(m, "Self-Attention Guidance")
 
@@ -284,7 +293,7 @@ class SelfAttentionGuidance(io.ComfyNode):
         else:
             module_sites = [s for s in layout.sites if s.module == site.module]
             install_site_handler(m, module_sites, record_handler(instance, site.transformer_index, records,
-                                                                 f"SAG layer '{layer}'"))
+                                                                 f"SAG layer '{site.index_name}'"))
 
         def reference_mask(args, ref_conds):
             x, sigma = args["input"], args["sigma"]
@@ -325,8 +334,9 @@ class SelfAttentionGuidance(io.ComfyNode):
                             "EasyCache served this step without running the model, the sampler evaluates the "
                             "model in pieces (context windows), which SAG does not support, or a node applied "
                             "after SAG replaced that attention without calling it (apply attention guidance last).",
-                            layer)
+                            site.index_name)
                     return args["denoised"]
+                log_once_per_run(run, in_use)
                 x = args["input"]
                 with torch.profiler.record_function("attention_guidance.sag_blur"):
                     degraded = blur_under_mask(single_frame(x0_ref), mask, kernel_size, blur_sigma).reshape(x0_ref.shape)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..guidance_core.schedule import in_sigma_window, validate_percent_window
+from ..guidance_core.schedule import validate_percent_window
 from ..pag_core import pag_guided
 from ..sag_core import token_grid
 from ..seg_core import blur_queries, validate_seg_inputs
@@ -16,6 +16,7 @@ from .dit_handlers import smoothed_queries
 from .dit_layout import attention_layout
 from .pag import CATEGORY, layers_input, select_layers
 from .perturbed_copy import PerturbedCopy
+from .sigma_window import SigmaWindow
 
 
 def blurred_query_attention(blur_sigma: float, label: str):
@@ -77,18 +78,18 @@ class SmoothedEnergyGuidance(io.ComfyNode):
         validate_seg_inputs(scale, blur_sigma)
         validate_percent_window(start_percent, end_percent)
         layout = attention_layout(model, "Smoothed Energy Guidance")
-        sites = select_layers(layout, layers, "SEG layers")
+        spec, sites, in_use = select_layers(layout, layers, "Smoothed Energy Guidance", "SEG layers", "seg")
         m = model.clone()
         if scale == 0.0:
             return io.NodeOutput(m)
 
-        def scale_at(base_model, sigma) -> float:
-            sampling = base_model.model_sampling
-            window = (sampling.percent_to_sigma(start_percent), sampling.percent_to_sigma(end_percent))
-            return scale if in_sigma_window(float(sigma.flatten()[0]), *window) else 0.0
+        window = SigmaWindow(m, start_percent, end_percent)
 
-        label = f"SEG layers '{layers}'"
-        copy = PerturbedCopy(m, layout, sites, "Smoothed Energy Guidance", layers, label, scale_at,
+        def scale_at(base_model, sigma) -> float:
+            return scale if window.contains(base_model.model_sampling, sigma) else 0.0
+
+        label = f"SEG layers '{spec}'"
+        copy = PerturbedCopy(m, layout, sites, "Smoothed Energy Guidance", spec, label, in_use, scale_at,
                              blurred_query_attention(blur_sigma, label), smoothed_queries(blur_sigma))
 
         def post_cfg_function(args):

@@ -12,8 +12,9 @@ is -inf on the image-image block except its diagonal and 0 everywhere else. So:
 With no text tokens (an image-only self-attention) that is the paper's identity map: every token
 keeps its own value.
 
-Here the sequence is text first, the host's order (MMDiT and Flux attend over ``cat(text, image)``);
-attention is permutation-equivariant, so the order does not change any token's result. The image rows
+Here the sequence is text first, the host's order (MMDiT, Flux and NextDiT attend over ``cat(text, image)``);
+attention is permutation-equivariant, so the order does not change any token's result, and a sequence
+``[image, text]`` (HiDream) is rotated to text first and back (``image_first_to_text_first``). The image rows
 are computed from the 1 + T scores they have, in chunks of queries, never from an L x L mask.
 """
 from __future__ import annotations
@@ -88,3 +89,19 @@ def joint_identity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         image_out = probs[..., :1] * v[:, :, start:stop].float() + torch.matmul(probs[..., 1:], v_text)
         out[:, :, start:stop] = image_out.to(q.dtype)
     return out
+
+
+
+def image_first_to_text_first(t: torch.Tensor, image_tokens: int) -> torch.Tensor:
+    """``[image, text]`` -> ``[text, image]`` along the token axis of ``[B, heads, L, D]``."""
+    return torch.roll(t, shifts=-image_tokens, dims=2)
+
+
+def text_first_to_image_first(t: torch.Tensor, image_tokens: int) -> torch.Tensor:
+    """The inverse of ``image_first_to_text_first``."""
+    return torch.roll(t, shifts=image_tokens, dims=2)
+
+
+def mask_image_first_to_text_first(mask, image_tokens: int):
+    """``image_first_to_text_first`` for an attention mask ``[..., L, L]`` (both token axes); None stays None."""
+    return None if mask is None else torch.roll(mask, shifts=(-image_tokens, -image_tokens), dims=(-2, -1))

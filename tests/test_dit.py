@@ -1,7 +1,8 @@
 """PAG and SAG on DiT models in the real host: tiny SD3 (MMDiT), SD3.5-style (qk-norm, image-only
-attn2) and Flux models built from the host's own classes, run through the host's sampler path; PAG on
-SD3 against diffusers' StableDiffusion3PAGPipeline on a twin transformer with identical weights; the
-block names against the host's and diffusers' full-size module trees; refusals for other families."""
+attn2), Flux, Flux.2, Chroma, Qwen-Image, Z-Image / Lumina 2 (NextDiT) and HiDream models built from the
+host's own classes, run through the host's sampler path; PAG on SD3 against diffusers'
+StableDiffusion3PAGPipeline on a twin transformer with identical weights; the block names against the
+host's and diffusers' full-size module trees; each family's default layers; refusals for other families."""
 import contextlib
 
 import comfy.model_base
@@ -16,7 +17,10 @@ import torch
 from comfy_extras.nodes_chroma_radiance import EmptyChromaRadianceLatentImage
 from comfy_extras.nodes_flux import EmptyFlux2LatentImage
 from comfy_extras.nodes_sd3 import EmptySD3LatentImage
-from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel, QwenImageTransformer2DModel, SD3Transformer2DModel
+from diffusers import (
+    ChromaTransformer2DModel, FluxTransformer2DModel, HiDreamImageTransformer2DModel, Lumina2Transformer2DModel,
+    QwenImageTransformer2DModel, SD3Transformer2DModel, ZImageTransformer2DModel,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -33,12 +37,15 @@ from support.dit_models import (
 )
 from support.models import denoise_once, sample, short_of_memory
 
-FAMILIES = ["sd3", "sd35", "flux", "flux2", "chroma", "chroma_radiance", "qwen_image"]
+FAMILIES = ["sd3", "sd35", "flux", "flux2", "chroma", "chroma_radiance", "qwen_image", "lumina2", "z_image", "hidream"]
 # a block whose joint attention both nodes use, per family (sd35: one with the image-only attn2 too)
 BLOCK = {"sd3": "joint.1", "sd35": "joint.0", "flux": "single.2", "flux2": "double.1", "chroma": "double.1",
-         "chroma_radiance": "single.2", "qwen_image": "double.1"}
-# text tokens the blocks see: the conditioning's 7, padded to 512 by the host for Flux.2 (model_base.Flux2)
-TEXT_TOKENS = {"sd3": 7, "sd35": 7, "flux": 7, "flux2": 512, "chroma": 7, "chroma_radiance": 7, "qwen_image": 7}
+         "chroma_radiance": "single.2", "qwen_image": "double.1", "lumina2": "layers.1", "z_image": "single.2",
+         "hidream": "single.1"}
+# text tokens the blocks see: the conditioning's 7, padded to 512 by the host for Flux.2 (model_base.Flux2),
+# to a multiple of 32 by Z-Image; HiDream's T5 7, then Llama's last layer's 7 and the block's Llama layer's 7
+TEXT_TOKENS = {"sd3": 7, "sd35": 7, "flux": 7, "flux2": 512, "chroma": 7, "chroma_radiance": 7, "qwen_image": 7,
+               "lumina2": 7, "z_image": 32, "hidream": 21}
 
 
 def pag(model, scale=3.0, layers="joint.1", adaptive_scale=0.0, start_percent=0.0, end_percent=1.0, rescale=0.0):
@@ -135,6 +142,24 @@ QWEN_IMAGE = {
     "image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 60,
     "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 3584, "axes_dims_rope": (16, 56, 56),
 }
+Z_IMAGE = {  # comfy.model_detection's Z-Image constants (dim 3840, pad tokens), 30 layers
+    "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 3840, "cap_feat_dim": 2560, "n_layers": 30,
+    "qk_norm": True, "n_heads": 30, "n_kv_heads": 30, "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512],
+    "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True, "time_scale": 1000.0,
+    "pad_tokens_multiple": 32,
+}
+LUMINA2 = {  # comfy.model_detection's original Lumina 2 (dim 2304, Gemma 2 2B text)
+    "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 2304, "cap_feat_dim": 2304, "n_layers": 26,
+    "qk_norm": True, "n_heads": 24, "n_kv_heads": 8, "axes_dims": [32, 32, 32], "axes_lens": [300, 512, 512],
+    "rope_theta": 10000.0, "ffn_dim_multiplier": 4.0,
+}
+HIDREAM_LLAMA_LAYERS = list(range(32)) + [31] * 16
+HIDREAM = {  # comfy.model_detection's HiDream constants
+    "image_model": "hidream", "attention_head_dim": 128, "axes_dims_rope": [64, 32, 32], "caption_channels": [4096, 4096],
+    "max_resolution": [128, 128], "in_channels": 16, "llama_layers": HIDREAM_LLAMA_LAYERS, "num_attention_heads": 20,
+    "num_routed_experts": 4, "num_activated_experts": 2, "num_layers": 16, "num_single_layers": 32, "out_channels": 16,
+    "patch_size": 2, "text_emb_dim": 2048,
+}
 FULL_SIZE = {
     "sd3_medium": (comfy.supported_models.SD3, comfy.model_base.SD3, SD3_MEDIUM,
                    lambda: SD3Transformer2DModel(num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
@@ -148,6 +173,13 @@ FULL_SIZE = {
     "chroma": (comfy.supported_models.Chroma, comfy.model_base.Chroma, CHROMA, lambda: ChromaTransformer2DModel()),
     "qwen_image": (comfy.supported_models.QwenImage, comfy.model_base.QwenImage, QWEN_IMAGE,
                    lambda: QwenImageTransformer2DModel()),
+    "z_image": (comfy.supported_models.ZImage, comfy.model_base.Lumina2, Z_IMAGE, lambda: ZImageTransformer2DModel()),
+    "lumina2": (comfy.supported_models.Lumina2, comfy.model_base.Lumina2, LUMINA2,
+                lambda: Lumina2Transformer2DModel(cap_feat_dim=2304)),
+    "hidream": (comfy.supported_models.HiDream, comfy.model_base.HiDream, HIDREAM,
+                lambda: HiDreamImageTransformer2DModel(
+                    patch_size=2, in_channels=16, out_channels=16, caption_channels=[4096, 4096],
+                    axes_dims_rope=(64, 32, 32), llama_layers=HIDREAM_LLAMA_LAYERS)),
 }
 
 
@@ -171,7 +203,8 @@ def test_every_block_name_is_a_module_of_the_host_and_of_diffusers(which):
     with torch.device("meta"):
         diffusers_modules = dict(FULL_SIZE[which][3]().named_modules())
     expected = {"sd3_medium": {"joint": 24}, "sd35_medium": {"joint": 24}, "flux_dev": {"double": 19, "single": 38},
-                "chroma": {"double": 19, "single": 38}, "qwen_image": {"double": 60}}
+                "chroma": {"double": 19, "single": 38}, "qwen_image": {"double": 60}, "z_image": {"single": 30},
+                "lumina2": {"single": 26}, "hidream": {"double": 16, "single": 32}}
     assert layout.depths == expected[which]
     for block in layout.sites:
         assert block.host_name in host_modules, block
@@ -196,6 +229,12 @@ def test_every_block_name_is_a_module_of_the_host_and_of_diffusers(which):
     ("qwen_image", "double.30", ["double.30"]),
     ("qwen_image", "transformer_blocks.30", ["double.30"]),  # the host's and diffusers' name
     ("qwen_image", "blocks.3, double.58-59", ["double.3", "double.58", "double.59"]),
+    ("z_image", "layers.16", ["single.16"]),  # the host's and diffusers' module
+    ("z_image", "layers.3.attention, single.29", ["single.3", "single.29"]),
+    ("lumina2", "layers.25.attn", ["single.25"]),
+    ("hidream", "double_stream_blocks.8", ["double.8"]),
+    ("hidream", "single_stream_blocks.31.block.attn1, double.0-1", ["double.0", "double.1", "single.31"]),
+    ("hidream", "blocks.15", ["double.15", "single.15"]),
 ])
 def test_block_specs(which, spec, expected):
     assert [b.index_name for b in DIT_LAYOUTS[which].select(spec)] == expected
@@ -245,10 +284,10 @@ def test_a_wrong_block_lists_the_models_blocks(which, spec, listed):
 def test_node_errors_name_the_input_and_the_blocks():
     model = tiny("flux")
     with pytest.raises(LayerSpecError) as error:
-        pag(model, layers="mid")
-    assert "PAG layers" in str(error.value) and "'mid'" in str(error.value) and "single.0-3" in str(error.value)
+        pag(model, layers="mid_block")
+    assert "PAG layers" in str(error.value) and "'mid_block'" in str(error.value) and "single.0-3" in str(error.value)
     with pytest.raises(LayerSpecError) as error:
-        sag(model, layer="m0.0")
+        sag(model, layer="m0.1")
     assert "SAG layer" in str(error.value) and "double.0-2" in str(error.value)
     with pytest.raises(LayerSpecError) as error:
         sag(tiny("sd3"), layer="joint")
@@ -264,7 +303,8 @@ def test_a_family_that_cannot_be_patched_is_refused_by_name(node):
         attention_layout(patcher, node)
     message = str(error.value)
     assert node in message and "AuraFlow" in message and "nothing" in message
-    assert all(family in message for family in ("SD1.x", "SDXL", "SD3", "Flux", "Chroma", "Qwen-Image"))
+    assert all(family in message for family in ("SD1.x", "SDXL", "SD3", "Flux", "Chroma", "Qwen-Image", "Z-Image",
+                                                "Lumina 2", "HiDream"))
     with pytest.raises(UnsupportedModelError):
         (pag if node.startswith("Perturbed") else sag)(patcher)
 
@@ -337,6 +377,11 @@ def test_pag_reaches_the_chosen_blocks_only(monkeypatch, cfg, chunks):
         ("chroma_radiance", "single.1", [("double", 0), ("double", 1), ("double", 2),
                                          ("single", 0), ("single", 1, "p"), ("single", 2), ("single", 3)]),
         ("qwen_image", "double.1", [("double", 0), ("double", 1, "p"), ("double", 2)]),
+        # NextDiT: the context refiner, the noise refiner, then the 3 main layers (0.3.75 marks none of them)
+        ("lumina2", "single.1", [None, None, None, "p", None]),
+        ("z_image", "layers.0, layers.2", [None, None, "p", None, "p"]),
+        # HiDream: 2 double-stream, then 3 single-stream blocks
+        ("hidream", "double.0,single.2", ["p", None, None, None, "p"]),
     ]
     for family, spec, expected in cases:
         positive, negative = make_dit_conditioning(family, batch=1, seed=6)
@@ -414,7 +459,7 @@ def test_batch_rows_are_guided_independently(family, node):
 
 @pytest.mark.parametrize("cfg", [4.0, 1.0])
 @pytest.mark.parametrize("node", NODES)
-@pytest.mark.parametrize("family", ["sd3", "flux", "chroma", "chroma_radiance", "qwen_image"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "chroma", "chroma_radiance", "qwen_image", "z_image", "hidream"])
 def test_chunked_forwards_give_the_same_result(family, node, cfg, monkeypatch):
     model = tiny(family)
     x, sigma = noisy_dit_latent(model, 0.6, shape=(2, 16, 8, 12))
@@ -437,13 +482,14 @@ def test_chunked_forwards_give_the_same_result(family, node, cfg, monkeypatch):
 
 # --- SAG: the mask of the image tokens, flow re-noising ------------------------------------------------
 
-def _expected_sag_mask(q, k, heads, text, grid, latent_hw, skip_reshape):
+def _expected_sag_mask(q, k, heads, text, grid, latent_hw, skip_reshape, image_first=False):
     """The SAG mask from the joint attention probabilities of one block: image queries over image keys
     (their joint probabilities renormalised), mean over heads, summed over queries, above 1.0."""
     if not skip_reshape:
         q = q.reshape(q.shape[0], q.shape[1], heads, -1).transpose(1, 2)
         k = k.reshape(k.shape[0], k.shape[1], heads, -1).transpose(1, 2)
-    image = slice(text, text + grid[0] * grid[1])
+    start = 0 if image_first else text
+    image = slice(start, start + grid[0] * grid[1])
     probs = (q.double() @ k.double().transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
     probs = probs[:, :, image, image]
     probs = probs / probs.sum(-1, keepdim=True)
@@ -454,7 +500,13 @@ def _expected_sag_mask(q, k, heads, text, grid, latent_hw, skip_reshape):
 
 SAG_MASK_BLOCKS = [("sd3", "joint.2", 2), ("sd35", "joint.0", 0), ("flux", "double.1", 1), ("flux", "single.3", 6),
                    ("flux2", "single.1", 4), ("chroma", "double.2", 2), ("chroma", "single.0", 3),
-                   ("chroma_radiance", "single.1", 4), ("qwen_image", "double.2", 2)]
+                   ("chroma_radiance", "single.1", 4), ("qwen_image", "double.2", 2),
+                   # NextDiT's main layers after its context and noise refiner; HiDream's 2 double blocks first
+                   ("lumina2", "single.2", 4), ("z_image", "layers.1", 3), ("hidream", "double.1", 1),
+                   ("hidream", "single.2", 4)]
+# heads of the attention calls; the NextDiT and Flux-style models hand q, k, v over as [B, heads, L, D]
+SAG_HEADS = {"sd3": 4, "sd35": 4, "z_image": 4}
+SPLIT_HEADS = ("flux", "flux2", "chroma", "chroma_radiance", "qwen_image", "lumina2", "z_image")
 
 
 # latent sizes (Chroma Radiance takes 8 pixels a latent pixel), and 36x50 pixels, which Chroma Radiance
@@ -475,9 +527,9 @@ def test_sag_mask_is_the_image_key_mass_of_the_chosen_block(family, block, call_
     rows = slice(chunks.index(1), chunks.index(1) + 1)  # the uncond row: SAG's reference under CFG
     patch = {"flux2": 1, "chroma_radiance": 16}.get(family, 2)
     grid = ((hw[0] + patch - 1) // patch, (hw[1] + patch - 1) // patch)
-    flux = not family.startswith("sd3")
-    heads = 2 if flux else 4
-    expected = _expected_sag_mask(q[rows], k[rows], heads, TEXT_TOKENS[family], grid, hw, skip_reshape=flux)
+    heads = SAG_HEADS.get(family, 2)
+    expected = _expected_sag_mask(q[rows], k[rows], heads, TEXT_TOKENS[family], grid, hw,
+                                  skip_reshape=family in SPLIT_HEADS, image_first=family == "hidream")
     assert mask.shape == (1, 1, *hw)
     assert 0 < mask.mean() < 1
     assert torch.equal(mask, expected)
@@ -551,7 +603,7 @@ def test_reference_latents_of_flux_kontext_and_qwen_image_edit(family, pag_block
 
 # the host's empty-latent node of each family, for an image of (width, height)
 EMPTY_LATENT_NODES = {"flux": EmptySD3LatentImage, "flux2": EmptyFlux2LatentImage, "qwen_image": EmptySD3LatentImage,
-                      "chroma_radiance": EmptyChromaRadianceLatentImage}
+                      "chroma_radiance": EmptyChromaRadianceLatentImage, "z_image": EmptySD3LatentImage}
 
 
 @pytest.mark.parametrize("family", list(EMPTY_LATENT_NODES))
@@ -586,3 +638,117 @@ def test_scale_zero_and_outside_the_window_change_nothing(family):
     with count_forwards(early) as forwards:
         assert torch.equal(denoise_once(early, positive, negative, x, sigma, 4.0), plain)
     assert [sorted(f.cond_or_uncond) for f in forwards] == [[0, 1]]
+
+
+# --- default layers: 'auto' resolves per family --------------------------------------------------------
+
+# (PAG, SAG) defaults of the full-size models: published settings where they exist, moved to the model's
+# depth elsewhere (layer_spec.scaled_block_range)
+FULL_SIZE_DEFAULTS = {
+    "sd3_medium": ("joint.13", "joint.13"),  # diffusers' SD3 PAG example
+    "sd35_medium": ("joint.7-9", "joint.8"),  # Stability's SD3.5 Medium skip-layer guidance
+    "flux_dev": ("double.7-9", "double.8"),  # ComfyUI's SkipLayerGuidanceDiT defaults
+    "chroma": ("double.7-9", "double.8"),
+    "qwen_image": ("double.25-27", "double.26"),
+    "z_image": ("single.16", "single.16"),
+    "lumina2": ("single.14", "single.14"),
+    "hidream": ("double.6-8", "double.7"),
+}
+
+
+@pytest.mark.parametrize("which", FULL_SIZE)
+def test_full_size_defaults_name_existing_blocks_with_a_source(which):
+    layout = DIT_LAYOUTS[which]
+    assert (layout.default_layers("pag"), layout.default_layers("sag")) == FULL_SIZE_DEFAULTS[which]
+    assert layout.default_layers("seg") == layout.default_layers("pag")  # SEG perturbs where PAG does
+    for kind in ("pag", "sag"):
+        assert layout.select(layout.resolve("auto", kind))
+        assert layout.resolve("AUTO ", kind) == layout.default_layers(kind)
+        assert layout.default_source(kind)
+    published = {"sd3_medium": "blocks.13", "sd35_medium": "7, 8, 9", "flux_dev": "SkipLayerGuidanceDiT"}
+    if which in published:
+        assert published[which] in layout.default_source("pag") and "none published" not in layout.default_source("pag")
+    else:
+        assert "none published" in layout.default_source("pag")
+    assert "none published for SAG" in layout.default_source("sag")
+
+
+def test_unet_defaults_are_the_ones_saved_workflows_carry():
+    from support.real_architectures import meta_model
+
+    for architecture in ("sd15", "sdxl"):
+        layout = attention_layout(meta_model(architecture), "test")
+        assert layout.resolve("auto", "pag") == "mid" and layout.resolve("auto", "sag") == "m0.0"
+        assert layout.resolve("mid", "pag") == "mid" and layout.resolve("u0", "pag") == "u0"
+        assert "diffusers" in layout.default_source("pag") and "diffusers" in layout.default_source("sag")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_old_unet_defaults_mean_auto_on_a_dit(family):
+    # a workflow saved before 'auto' carries 'mid' / 'm0.0', which named nothing on a DiT (an error then)
+    model = tiny(family)
+    positive, negative = make_dit_conditioning(family, batch=1, seed=20)
+    x, sigma = noisy_dit_latent(model, 0.6)
+    assert torch.equal(denoise_once(pag(model, layers="mid"), positive, negative, x, sigma, 4.0),
+                       denoise_once(pag(model, layers="auto"), positive, negative, x, sigma, 4.0))
+    assert torch.equal(denoise_once(sag(model, layer="m0.0"), positive, negative, x, sigma, 4.0),
+                       denoise_once(sag(model, layer="auto"), positive, negative, x, sigma, 4.0))
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"] + FAMILIES)
+def test_every_input_at_its_default_guides_every_family(family):
+    # the nodes' schema defaults, as a new node in the frontend has them, on every family; the first guided
+    # step of a run logs the layers in use once
+    from support.models import build_model, make_conditioning
+
+    defaults = {node: {i.id: i.default for i in cls.define_schema().inputs if i.id != "model"}
+                for node, cls in (("pag", PerturbedAttentionGuidance), ("sag", SelfAttentionGuidance))}
+    assert defaults["pag"]["layers"] == "auto" and defaults["sag"]["layer"] == "auto"
+    if family in ("sd15", "sdxl"):
+        model = build_model(family, seed=0)
+        positive, negative = make_conditioning(family, batch=1, seed=21)
+        sigma = model.get_model_object("model_sampling").sigmas[600].reshape(1)
+        x = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(1)) * (sigma ** 2 + 1).sqrt()
+    else:
+        model = tiny(family)
+        positive, negative = make_dit_conditioning(family, batch=1, seed=21)
+        x, sigma = noisy_dit_latent(model, 0.6)
+    plain = denoise_once(model, positive, negative, x, sigma, 4.0)
+    for node, cls in (("pag", PerturbedAttentionGuidance), ("sag", SelfAttentionGuidance)):
+        patched = cls.execute(model, **defaults[node]).result[0]
+        out = denoise_once(patched, positive, negative, x, sigma, 4.0)
+        assert torch.isfinite(out).all() and rel_err(out, plain) > 1e-3, node
+    assert torch.equal(denoise_once(model, positive, negative, x, sigma, 4.0), plain)  # the model itself untouched
+
+
+def test_the_layers_in_use_are_logged_once_per_run(caplog):
+    model = tiny("z_image")
+    positive, negative = make_dit_conditioning("z_image", batch=1, seed=22)
+    latent = empty_dit_latent(model, (1, 16, 8, 8))
+    patched = sag(pag(model, layers="auto"), layer="layers.2")
+    for run in range(2):
+        with caplog.at_level("INFO"):
+            caplog.clear()
+            sample(patched, positive, negative, latent, steps=3, cfg=3.0, seed=run)
+        lines = [r.getMessage() for r in caplog.records if "on this ZImage model" in r.getMessage()]
+        assert lines == [
+            "Perturbed-Attention Guidance on this ZImage model: layers 'auto' = single.1 (the family's default, from "
+            "none published for ZImage: diffusers' SD3 PAG block 13 of 24 (a stack of joint text-image blocks like "
+            "this one), at the same relative depth).",
+            "Self-Attention Guidance on this ZImage model: layer 'layers.2' = single.2.",
+        ], run
+
+
+def test_hidream_with_an_edit_image_beside_the_generated_one():
+    # HiDream E1: the edit latent is concatenated along the width; PAG perturbs every image token, SAG refuses
+    # with a message instead of mapping the wrong tokens
+    model = tiny("hidream")
+    positive, negative = make_dit_conditioning("hidream", batch=1, seed=23)
+    edit = torch.randn((1, 16, 8, 8), generator=torch.Generator().manual_seed(24))
+    positive = [[positive[0][0], {**positive[0][1], "concat_latent_image": edit}]]
+    x, sigma = noisy_dit_latent(model, 0.6)
+    plain = denoise_once(model, positive, negative, x, sigma, 3.0)
+    guided = denoise_once(pag(model, layers="auto"), positive, negative, x, sigma, 3.0)
+    assert torch.isfinite(guided).all() and rel_err(guided, plain) > 1e-3
+    with pytest.raises(RuntimeError, match="HiDream E1"):
+        denoise_once(sag(model, layer="auto"), negative, positive, x, sigma, 3.0)  # the edit image on SAG's rows

@@ -7,7 +7,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
-from attention_guidance.guidance_core.layer_spec import AttentionLayout, LayerSpecError
+from attention_guidance.guidance_core.layer_spec import AttentionLayout, LayerSpecError, describe_sites, scaled_block_range
 from support.real_architectures import meta_model
 
 SD15_DIFFUSERS = dict(cross_attention_dim=768)  # UNet2DConditionModel defaults are SD1.x
@@ -119,3 +119,30 @@ def test_unreadable_or_empty_specs_say_how_to_write_one(sd15, spec):
     with pytest.raises(LayerSpecError) as error:
         sd15.select(spec)
     assert "mid" in str(error.value)
+
+
+@pytest.mark.parametrize("published, depth, expected", [
+    ((7, 9, 19), 19, (7, 9)),  # the published model itself: the published blocks
+    ((13, 13, 24), 24, (13, 13)),
+    ((7, 9, 19), 8, (2, 4)),  # Flux.2 dev's 8 double blocks: three, centred at 8/18 of the depth
+    ((13, 13, 24), 38, (21, 21)),  # SD3.5 Large: 13/23 of 37 = 20.9
+    ((7, 9, 19), 60, (25, 27)),  # Qwen-Image
+    ((7, 9, 19), 2, (0, 1)),  # fewer blocks than published: all of them
+    ((7, 9, 19), 1, (0, 0)),
+])
+def test_published_blocks_move_to_the_same_relative_depth(published, depth, expected):
+    first, last = scaled_block_range(*published, depth)
+    assert (first, last) == expected
+    assert 0 <= first <= last < depth and last - first + 1 == min(published[1] - published[0] + 1, depth)
+
+
+@pytest.mark.parametrize("architecture", ["sd15", "sdxl"])
+def test_auto_on_a_unet_is_the_former_default_and_selects_the_same_layers(architecture):
+    layout = _layout(architecture)
+    assert layout.select(layout.resolve("auto", "pag")) == layout.select("mid")
+    assert layout.select(layout.resolve("auto", "sag")) == layout.select("m0.0")
+    assert layout.resolve("auto", "seg") == "mid"  # SEG perturbs where PAG does
+    # a saved 'mid' / 'm0.0' is itself, not 'auto', on a UNet
+    assert layout.resolve("mid", "pag") == "mid" and layout.resolve("m0.0", "sag") == "m0.0"
+    assert describe_sites(layout.select("mid")) == ("m0.0" if architecture == "sd15" else "m0.0-9")
+    assert describe_sites(layout.select("d0, m0, u3")) in ("d0.0, m0.0, u3.0", "d0.0-1, m0.0-9, u3.0-1")

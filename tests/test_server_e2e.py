@@ -55,7 +55,7 @@ def test_object_info_describes_pag_node(comfy_server):
         "model", "scale", "layers", "adaptive_scale", "start_percent", "end_percent", "rescale"]
     required = node["input"]["required"]
     assert required["model"][0] == "MODEL"
-    expected = {"scale": ("FLOAT", 3.0), "layers": ("STRING", "mid"), "adaptive_scale": ("FLOAT", 0.0),
+    expected = {"scale": ("FLOAT", 3.0), "layers": ("STRING", "auto"), "adaptive_scale": ("FLOAT", 0.0),
                 "start_percent": ("FLOAT", 0.0), "end_percent": ("FLOAT", 1.0), "rescale": ("FLOAT", 0.0)}
     for name, (kind, default) in expected.items():
         assert required[name][0] == kind, name

@@ -29,17 +29,17 @@ from support.server import ComfyServerError
 from support.workflow_convert import (FRONTEND_ONLY_TYPES, WorkflowError, check_values, meaning_changes,
                                       ui_to_api, widget_layout)
 
-EXPECTED_EXAMPLES = EXECUTED_EXAMPLES | {"sdxl_pag_cfg", "sd3_pag_cfg", "flux_dev_pag", "sdxl_seg_pag"}
+EXPECTED_EXAMPLES = EXECUTED_EXAMPLES | {"sdxl_pag_cfg", "sd3_pag_cfg", "flux_dev_pag", "sdxl_seg_pag", "z_image_turbo_pag"}
 NAMES = example_names()
 MODEL_LOADER_INPUTS = {"CheckpointLoaderSimple": ("ckpt_name",), "ControlNetLoader": ("control_net_name",),
                        "UNETLoader": ("unet_name",), "DualCLIPLoader": ("clip_name1", "clip_name2"),
-                       "VAELoader": ("vae_name",)}
+                       "CLIPLoader": ("clip_name",), "VAELoader": ("vae_name",)}
 # The architecture of each model file the examples load their MODEL from (support/real_architectures.py);
 # the inpainting UNet differs from SD1.5's only in its input channels.
 MODEL_ARCHITECTURES = {
     "v1-5-pruned-emaonly.safetensors": "sd15", "sd-v1-5-inpainting.ckpt": "sd15",
     "sd_xl_base_1.0.safetensors": "sdxl", "sd3_medium_incl_clips.safetensors": "sd3_medium",
-    "flux1-dev.safetensors": "flux_dev",
+    "flux1-dev.safetensors": "flux_dev", "z_image_turbo_bf16.safetensors": "z_image",
 }
 MODEL_OUTPUT_LOADERS = {"CheckpointLoaderSimple": "ckpt_name", "UNETLoader": "unet_name"}
 SEMVER = re.compile(r"^\d+\.\d+\.\d+$")
@@ -166,7 +166,9 @@ def test_example_layers_exist_in_the_full_size_model_it_loads(name, object_info)
     checked = 0
     for node_id, entry in prompt.items():
         if entry["class_type"] in ("AG_PerturbedAttentionGuidance", "AG_SmoothedEnergyGuidance"):
-            assert full_size_layout(prompt, node_id).select(entry["inputs"]["layers"])
+            layout = full_size_layout(prompt, node_id)
+            kind = "pag" if entry["class_type"] == "AG_PerturbedAttentionGuidance" else "seg"
+            assert layout.select(layout.resolve(entry["inputs"]["layers"], kind))
         elif entry["class_type"] == "AG_SelfAttentionGuidance":
             select_sag_site(full_size_layout(prompt, node_id), entry["inputs"]["layer"])
         else:

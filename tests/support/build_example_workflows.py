@@ -40,7 +40,7 @@ from support.server import PACK_NAME as PACK_FOLDER, REPO  # noqa: E402
 DOCS = REPO / "docs"
 # The examples whose screenshots the README shows, and the template browser with the pack selected.
 DOCS_SCREENSHOTS = ("sd15_pag_unconditional_cfg1", "sd15_sag_pag_chained", "sd15_controlnet_canny_empty_prompt_pag",
-                    "sd15_sag_mask_preview", "flux_dev_pag")
+                    "sd15_sag_mask_preview", "flux_dev_pag", "z_image_turbo_pag")
 TEMPLATE_BROWSER_SCREENSHOT = DOCS / "template_browser.png"
 # The PAG node's page in the node docs panel, beside this example's graph.
 NODE_DOCS_SCREENSHOT = DOCS / "node_docs_panel.png"
@@ -59,6 +59,8 @@ FLUX_DEV = "flux1-dev.safetensors"
 FLUX_CLIP_L = "clip_l.safetensors"
 FLUX_T5 = "t5xxl_fp16.safetensors"
 FLUX_VAE = "ae.safetensors"
+Z_IMAGE_TURBO = "z_image_turbo_bf16.safetensors"
+Z_IMAGE_TEXT = "qwen_3_4b.safetensors"
 NEGATIVE = "blurry, low quality, deformed, watermark, text"
 
 
@@ -93,10 +95,11 @@ def text_encoders(positive: str, negative: str, y=300, clip=("ckpt", 1)) -> list
     ]
 
 
-def sampler(model, positive, negative, latent, *, seed=42, steps=25, cfg=7.5, scheduler="normal", pos=(900, 20)) -> Node:
+def sampler(model, positive, negative, latent, *, seed=42, steps=25, cfg=7.5, scheduler="normal", pos=(900, 20),
+            sampler_name="euler") -> Node:
     return Node("sampler", "KSampler", pos,
                 {"seed": seed, "control_after_generate": "fixed", "steps": steps, "cfg": cfg,
-                 "sampler_name": "euler", "scheduler": scheduler, "denoise": 1.0},
+                 "sampler_name": sampler_name, "scheduler": scheduler, "denoise": 1.0},
                 {"model": model, "positive": positive, "negative": negative, "latent_image": latent})
 
 
@@ -275,6 +278,40 @@ def workflows() -> list[Workflow]:
                 sampler(("pag", 0), ("guidance", 0), ("negative", 0), ("latent", 0), steps=20, cfg=1.0,
                         scheduler="simple"),
                 *decode_and_save("flux_dev_pag", vae=("vae", 0)),
+            ],
+        ),
+        Workflow(
+            "z_image_turbo_pag", "Z-Image Turbo + PAG (CFG 1)",
+            "Perturbed-Attention Guidance on Z-Image Turbo. Turbo is distilled to sample in 8-9 steps at "
+            "CFG 1, so ComfyUI evaluates only the positive prompt, and PAG adds one evaluation of a "
+            "perturbed copy of it per step.\n\n"
+            "In each chosen main layer the perturbed copy's image tokens attend only to themselves and to "
+            "the prompt. layers 'auto' is Z-Image's default, layers.16 (nothing is published for PAG on "
+            "Z-Image: SD3's published block at the same relative depth; the log names it at the first "
+            "step); PAG scale 3. Treat both as a starting point.\n\n"
+            "Sampler settings of ComfyUI's own Z-Image Turbo template: 9 steps, CFG 1, res_multistep, "
+            "simple, shift 3 (ModelSamplingAuraFlow), negative zeroed.\n\n"
+            f"{COMPARE}\n\nModels: {Z_IMAGE_TURBO} in models/diffusion_models, {Z_IMAGE_TEXT} in "
+            f"models/text_encoders, {FLUX_VAE} in models/vae.",
+            [
+                note(size=(400, 400)),
+                Node("unet", "UNETLoader", (20, 480), {"unet_name": Z_IMAGE_TURBO, "weight_dtype": "default"},
+                     size=(380, 90)),
+                Node("clip", "CLIPLoader", (20, 610), {"clip_name": Z_IMAGE_TEXT, "type": "lumina2", "device": "default"},
+                     size=(380, 110)),
+                Node("vae", "VAELoader", (20, 760), {"vae_name": FLUX_VAE}, size=(380, 60)),
+                Node("shift", "ModelSamplingAuraFlow", (460, 20), {"shift": 3.0}, {"model": ("unet", 0)}),
+                pag(pos=(460, 130), model=("shift", 0), scale=3.0, layers="auto", adaptive_scale=0.0,
+                    start_percent=0.0, end_percent=1.0, rescale=0.0),
+                Node("positive", "CLIPTextEncode", (460, 380),
+                     {"text": "a red fox in a snowy birch forest at sunrise, detailed fur, soft light"},
+                     {"clip": ("clip", 0)}, title="Positive prompt", size=(400, 170)),
+                Node("negative", "ConditioningZeroOut", (460, 600), {}, {"conditioning": ("positive", 0)},
+                     title="Negative (unused at CFG 1)"),
+                empty_latent(1024, 1024, pos=(460, 700), node_type="EmptySD3LatentImage"),
+                sampler(("pag", 0), ("positive", 0), ("negative", 0), ("latent", 0), steps=9, cfg=1.0,
+                        scheduler="simple", sampler_name="res_multistep"),
+                *decode_and_save("z_image_turbo_pag", vae=("vae", 0)),
             ],
         ),
         Workflow(

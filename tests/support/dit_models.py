@@ -18,6 +18,15 @@ Families (see ``DIT_CONFIGS``):
   decoded by a small NeRF-style MLP; ``noisy_dit_latent`` gives it 8 pixels per latent pixel.
 - ``qwen_image``: ``comfy.supported_models.QwenImage`` + ``comfy.model_base.QwenImage``: 3 dual-stream
   blocks (2 heads of 32 channels) on a Wan 2.1 latent, ``[B, 16, 1, H, W]``.
+- ``lumina2``: ``comfy.supported_models.Lumina2`` + ``comfy.model_base.Lumina2`` (NextDiT): one context and
+  one noise refiner, then 3 main layers over ``cat(text, image)``; 2 query heads sharing 1 key/value head
+  (grouped-query attention, as Lumina 2's 24 / 8).
+- ``z_image``: ``comfy.supported_models.ZImage`` on the same class with Z-Image's modulation (its 256-wide
+  timestep embedding needs ``dim`` >= 256: 4 heads of 64 channels), timestep scale and its padding of the
+  text and of the image tokens to a multiple of 32.
+- ``hidream``: ``comfy.supported_models.HiDream`` + ``comfy.model_base.HiDream``: 2 double-stream and 3
+  single-stream blocks (2 heads of 32 channels, 4 routed experts, 2 active) over ``cat(image, text)``; its
+  text is T5's tokens and, per block, a Llama layer's (``conditioning_llama3``, 4 layers here).
 
 Weights are random but fixed by ``seed`` (``support.models.initialise_weights``; the MMDiT's
 ``pos_embed`` buffer gets the same treatment); fp32 on the CPU. One forward at an 8x8 latent
@@ -47,7 +56,8 @@ from attention_guidance.nodes.attention_sites import chunk_ids
 
 from .models import initialise_weights
 
-DIT_FAMILIES = ("sd3", "sd35", "flux", "flux2", "chroma", "chroma_radiance", "qwen_image")
+DIT_FAMILIES = ("sd3", "sd35", "flux", "flux2", "chroma", "chroma_radiance", "qwen_image", "lumina2", "z_image",
+                "hidream")
 
 CONTEXT_DIM = 48  # text encoder width fed to the model (T5/CLIP features in the real ones)
 POOLED_DIM = 32  # pooled text vector (CLIP-L + CLIP-G for SD3, CLIP-L for Flux)
@@ -148,6 +158,57 @@ DIT_CONFIGS["qwen_image"] = {
     "joint_attention_dim": CONTEXT_DIM,
     "axes_dims_rope": (8, 12, 12),
 }
+DIT_CONFIGS["lumina2"] = {
+    # Lumina 2's NextDiT (comfy.model_detection, 0.3.75) at 64 channels: grouped-query attention, qk-norm
+    "image_model": "lumina2",
+    "patch_size": 2,
+    "in_channels": 16,
+    "dim": 64,
+    "n_layers": 3,
+    "n_refiner_layers": 1,
+    "n_heads": 2,
+    "n_kv_heads": 1,
+    "multiple_of": 16,
+    "ffn_dim_multiplier": 4.0,
+    "qk_norm": True,
+    "cap_feat_dim": CONTEXT_DIM,
+    "axes_dims": [8, 12, 12],
+    "axes_lens": [300, 512, 512],
+}
+DIT_CONFIGS["z_image"] = {
+    # Z-Image: the same class with its 256-wide timestep embedding and modulation, timestep scale and
+    # pad tokens (comfy.model_detection, 0.3.75: dim 3840, pad_tokens_multiple 32)
+    **DIT_CONFIGS["lumina2"],
+    "dim": 256,
+    "n_heads": 4,
+    "n_kv_heads": 4,
+    "ffn_dim_multiplier": 8.0 / 3.0,
+    "axes_dims": [16, 24, 24],
+    "axes_lens": [1536, 512, 512],
+    "rope_theta": 256.0,
+    "z_image_modulation": True,
+    "time_scale": 1000.0,
+    "pad_tokens_multiple": 32,
+}
+LLAMA_LAYERS = 4  # Llama layers in the tiny HiDream's conditioning_llama3 (32 in the real one)
+DIT_CONFIGS["hidream"] = {
+    # HiDream (comfy.model_detection, 0.3.75) at 64 channels: each block takes one Llama layer's tokens
+    "image_model": "hidream",
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 2,
+    "num_single_layers": 3,
+    "attention_head_dim": 32,
+    "num_attention_heads": 2,
+    "caption_channels": [CONTEXT_DIM, CONTEXT_DIM],
+    "text_emb_dim": POOLED_DIM,
+    "num_routed_experts": 4,
+    "num_activated_experts": 2,
+    "axes_dims_rope": [8, 12, 12],
+    "max_resolution": [32, 32],
+    "llama_layers": [0, 1, 2, 3, 3],
+}
 _MODEL_CLASSES = {
     "sd3": (comfy.supported_models.SD3, comfy.model_base.SD3),
     "sd35": (comfy.supported_models.SD3, comfy.model_base.SD3),
@@ -156,6 +217,9 @@ _MODEL_CLASSES = {
     "chroma": (comfy.supported_models.Chroma, comfy.model_base.Chroma),
     "chroma_radiance": (comfy.supported_models.ChromaRadiance, comfy.model_base.ChromaRadiance),
     "qwen_image": (comfy.supported_models.QwenImage, comfy.model_base.QwenImage),
+    "lumina2": (comfy.supported_models.Lumina2, comfy.model_base.Lumina2),
+    "z_image": (comfy.supported_models.ZImage, comfy.model_base.Lumina2),
+    "hidream": (comfy.supported_models.HiDream, comfy.model_base.HiDream),
 }
 
 
@@ -196,7 +260,8 @@ def make_dit_conditioning(family: str, batch: int = 1, seed: int = 0, tokens: in
     """(positive, negative) CONDITIONING as the host's text encode nodes produce it for `family`.
 
     ``[[cross_attn (batch, tokens, CONTEXT_DIM), {"pooled_output": (batch, POOLED_DIM)}]]``; Flux's
-    also carries the FluxGuidance node's ``guidance``.
+    also carries the FluxGuidance node's ``guidance``, HiDream's its Llama layers' tokens
+    (``conditioning_llama3``, ``(batch, LLAMA_LAYERS, tokens, CONTEXT_DIM)``).
     """
     _check_family(family)
     generator = torch.Generator().manual_seed(seed)
@@ -205,6 +270,8 @@ def make_dit_conditioning(family: str, batch: int = 1, seed: int = 0, tokens: in
         extras = {"pooled_output": torch.randn(batch, POOLED_DIM, generator=generator)}
         if family.startswith("flux"):
             extras["guidance"] = 3.5
+        if family == "hidream":
+            extras["conditioning_llama3"] = torch.randn(batch, LLAMA_LAYERS, tokens, CONTEXT_DIM, generator=generator)
         return [[torch.randn(batch, tokens, CONTEXT_DIM, generator=generator), extras]]
 
     positive = encode()

@@ -47,6 +47,8 @@ EXAMPLE_MODEL_FILES = {
     "clip_l.safetensors": ("text_encoders", "name_only"),
     "t5xxl_fp16.safetensors": ("text_encoders", "name_only"),
     "ae.safetensors": ("vae", "name_only"),
+    "z_image_turbo_bf16.safetensors": ("diffusion_models", "name_only"),
+    "qwen_3_4b.safetensors": ("text_encoders", "name_only"),
     "control_v11p_sd15_canny.safetensors": ("controlnet", "sd15_controlnet"),
 }
 REAL_ARCHITECTURE_KINDS = {"sd15", "sd15_inpainting", "sd15_controlnet"}

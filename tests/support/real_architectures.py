@@ -35,7 +35,14 @@ FLUX_DEV = dict(
     theta=10000, qkv_bias=True, guidance_embed=True,
 )
 
-ARCHITECTURES = ("sd15", "sdxl", "sd3_medium", "flux_dev")
+# Z-Image (Turbo): NextDiT of width 3840, 30 main layers, text and image padded to multiples of 32.
+Z_IMAGE = dict(
+    image_model="lumina2", patch_size=2, in_channels=16, dim=3840, cap_feat_dim=2560, n_layers=30, qk_norm=True,
+    n_heads=30, n_kv_heads=30, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512], rope_theta=256.0,
+    ffn_dim_multiplier=8.0 / 3.0, z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=32,
+)
+
+ARCHITECTURES = ("sd15", "sdxl", "sd3_medium", "flux_dev", "z_image")
 
 
 def meta_model(architecture: str):
@@ -50,6 +57,7 @@ def meta_model(architecture: str):
         "sdxl": lambda: comfy.model_base.SDXL(comfy.supported_models.SDXL(dict(SDXL_UNET)), device="meta"),
         "sd3_medium": lambda: comfy.model_base.SD3(comfy.supported_models.SD3(dict(SD3_MEDIUM_MMDIT)), device="meta"),
         "flux_dev": lambda: comfy.model_base.Flux(comfy.supported_models.Flux(dict(FLUX_DEV)), device="meta"),
+        "z_image": lambda: comfy.model_base.Lumina2(comfy.supported_models.ZImage(dict(Z_IMAGE)), device="meta"),
     }
     if architecture not in builders:
         raise ValueError(f"unknown architecture {architecture!r}; one of {', '.join(ARCHITECTURES)}")
