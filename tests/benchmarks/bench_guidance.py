@@ -7,13 +7,29 @@ and to the host's equivalent node (each the median over rounds of the ratio with
 diffusion-model forward calls and rows per step, the ratio to its floor (the same forwards of the bare
 diffusion model, timed in the same round: what is left above 1.0x is the sampler's and the guidance's
 own work), peak extra memory of a sampling step (live tensors on CPU from the profiler's allocation
-records; the allocator's peak on CUDA), the bare forward times by rows, then the targets of issue 5
-(median and range of the per-round ratios) and a one-line summary. The defaults (SD1.5-shaped,
-32x32 latent, batch 1 and 2, 2 steps, 2 rounds) take about 10 minutes on 2 CPU cores; more rounds
-(--repeats) give steadier ratios.
+records; the allocator's peak on CUDA), the bare forward times by rows; then the targets of issue 18,
+each marked met or missed by the median over rounds of its per-round ratio:
+
+- each configuration's ratio to CFG only <= 1.05x its floor ratio (its bare forwards over CFG only's,
+  timed in the same round), and ours never slower than the host's equivalent node;
+- peak memory per step: a configuration that batches a copy into the sampler's forward <= 1.5x the
+  host's equivalent (the rows it adds), and <= the host's where the host's memory check splits the
+  batch (measured with the host seeing almost no free memory); SAG <= the host's SAG;
+
+and last the per-step work on the tiny test model, where the forwards cost little and the sampler's and
+the guidance's own Python work shows (ms per step, ratios to CFG only and to the host's node).
+The defaults (SD1.5-shaped, 32x32 latent, batch 1 and 2, 2 steps, 2 rounds) take about 10 minutes on
+2 CPU cores; more rounds (--repeats) give steadier ratios. A new node is one more entry in
+``configurations``.
 
     python3 scripts/host.py setup
     COMFYUI_PATH=.cache/comfyui .cache/venv/bin/python tests/benchmarks/bench_guidance.py [--latent 32] [--batch 1 2]
+
+``--compile`` measures instead the host's TorchCompileModel applied after our nodes (``--backend``,
+inductor by default): each configuration's first run (which compiles), the graphs it compiled, the
+speed-up over the eager model in rounds side by side, and the graphs compiled during those rounds
+(0 when nothing recompiles per step or per guided/unguided switch). On 2 CPU cores inductor takes many
+minutes for the full-width UNet; ``--latent 16 --steps 2 --repeats 2 --batch 1`` keeps it shorter.
 
 It runs on the GPU wherever torch sees one (``AG_HOST_DEVICE=cpu`` keeps it on the CPU); for the GPU
 machine some sessions are lent, see gpu_bundle.py and run_on_gpu.sh beside this file.
@@ -23,6 +39,8 @@ This is a measurement, not a test: it never fails on a slow machine, it reports.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import os
 import statistics
 import sys
@@ -43,13 +61,17 @@ import comfy.ldm.modules.attention  # noqa: E402
 import comfy.model_base  # noqa: E402
 import comfy.model_management  # noqa: E402
 import comfy.model_patcher  # noqa: E402
+import comfy.samplers  # noqa: E402
 import comfy.supported_models  # noqa: E402
+import torch._dynamo  # noqa: E402
+from torch._dynamo.utils import counters as dynamo_counters  # noqa: E402
+from comfy_extras.nodes_torch_compile import TorchCompileModel  # noqa: E402
 from comfy_extras.nodes_pag import PerturbedAttentionGuidance as HostPAG  # noqa: E402
 from comfy_extras.nodes_sag import SelfAttentionGuidance as HostSAG  # noqa: E402
 
 from attention_guidance.nodes.pag import PerturbedAttentionGuidance  # noqa: E402
 from attention_guidance.nodes.sag import SelfAttentionGuidance  # noqa: E402
-from support.models import count_model_calls, initialise_weights, sample  # noqa: E402
+from support.models import build_model, count_model_calls, initialise_weights, make_conditioning, sample, short_of_memory  # noqa: E402
 
 # support.models pins one thread for the tiny test models; a full-width UNet wants every core.
 torch.set_num_threads(os.cpu_count() or 1)
@@ -100,7 +122,18 @@ def conditioning(arch: str, batch: int):
             [[torch.randn(batch, 77, context, generator=g), dict(extras)]])
 
 
-def configurations(model):
+@dataclasses.dataclass
+class Configuration:
+    """One row of the tables: the patched model, the host's equivalent node (a row name) if there is one,
+    and whether it adds a batched copy to the sampler's forward (its memory target is then 1.5x the
+    host's, the rows it adds). A new node is one more entry in ``configurations``."""
+
+    model: object
+    host: str | None = None
+    batched_copy: bool = False
+
+
+def configurations(model) -> dict[str, Configuration]:
     def ours_pag(m, **kw):
         args = dict(scale=3.0, layers="mid", adaptive_scale=0.0, start_percent=0.0, end_percent=1.0, rescale=0.0)
         args.update(kw)
@@ -116,16 +149,15 @@ def configurations(model):
     def host_sag(m):
         return HostSAG.execute(m, 0.5, 2.0).result[0]
 
-    # name -> (patched model, name of the host's equivalent)
     return {
-        "CFG only": (model, None),
-        "host PAG": (host_pag(model), None),
-        "our PAG": (ours_pag(model), "host PAG"),
-        "host SAG": (host_sag(model), None),
-        "our SAG": (ours_sag(model), "host SAG"),
-        "host SAG+PAG": (host_pag(host_sag(model)), None),
-        "our SAG+PAG": (ours_pag(ours_sag(model)), "host SAG+PAG"),
-        "our PAG end 0.5": (ours_pag(model, end_percent=0.5), "host PAG"),
+        "CFG only": Configuration(model),
+        "host PAG": Configuration(host_pag(model)),
+        "our PAG": Configuration(ours_pag(model), "host PAG", batched_copy=True),
+        "host SAG": Configuration(host_sag(model)),
+        "our SAG": Configuration(ours_sag(model), "host SAG"),
+        "host SAG+PAG": Configuration(host_pag(host_sag(model))),
+        "our SAG+PAG": Configuration(ours_pag(ours_sag(model)), "host SAG+PAG", batched_copy=True),
+        "our PAG end 0.5": Configuration(ours_pag(model, end_percent=0.5), "host PAG", batched_copy=True),
     }
 
 
@@ -167,6 +199,30 @@ def memory_peak(model, positive, negative, latent, cfg) -> int:
     return cuda_memory_peak(run) if device.type == "cuda" else tensor_memory_peak(run)
 
 
+class _Patch:
+    """The part of pytest's monkeypatch that support.models.short_of_memory uses, undone on exit."""
+
+    def __init__(self):
+        self.undo = []
+
+    def setattr(self, target, name, value):
+        self.undo.append((target, name, getattr(target, name)))
+        setattr(target, name, value)
+
+
+@contextlib.contextmanager
+def host_splits_every_batch():
+    """The host's sampler sees almost no free memory, so its memory check runs every cond entry in a
+    forward of its own (comfy.samplers._calc_cond_batch), as where the batch does not fit."""
+    patch = _Patch()
+    short_of_memory(patch)
+    try:
+        yield
+    finally:
+        for target, name, value in reversed(patch.undo):
+            setattr(target, name, value)
+
+
 def timed_run(model, positive, negative, latent, steps, cfg):
     """Wall time of one sampling run, and the rows of each diffusion-model forward it made."""
     device = comfy.model_management.get_torch_device()
@@ -205,14 +261,20 @@ def measure_all(configs, positive, negative, latent, steps, repeats, cfg, arch):
     count the configurations used, which give each configuration's floor in that round. Each
     configuration keeps its time and floor per round, so that ratios can be taken within a round (see
     ``paired_ratio``)."""
-    results = {name: {"times": [], "floors": [], "memory": memory_peak(patched, positive, negative, latent, cfg)}
-               for name, (patched, _) in configs.items()}
+    results = {name: {"times": [], "floors": [], "memory": memory_peak(config.model, positive, negative, latent, cfg)}
+               for name, config in configs.items()}
+    with host_splits_every_batch():
+        for name, config in configs.items():
+            if config.batched_copy:
+                for measured in (name, config.host):
+                    results[measured]["memory split"] = memory_peak(configs[measured].model, positive, negative,
+                                                                    latent, cfg)
     order = list(configs)
-    bare_model = configs["CFG only"][0]
+    bare_model = configs["CFG only"].model
     bare_rounds = []
     for round_index in range(repeats):
         for name in (order if round_index % 2 == 0 else order[::-1]):
-            seconds, rows = timed_run(configs[name][0], positive, negative, latent, steps, cfg)
+            seconds, rows = timed_run(configs[name].model, positive, negative, latent, steps, cfg)
             results[name]["times"].append(seconds)
             results[name].update(forwards=len(rows) / steps, rows=sum(rows) / steps, calls=rows)
         row_counts = sorted({n for result in results.values() for n in result["calls"]})
@@ -235,6 +297,111 @@ def round_ratios(times: list[float], reference: list[float]) -> list[float]:
     return [t / r for t, r in zip(times, reference)]
 
 
+def print_table(configs, measured):
+    print("| configuration | time (s) | vs CFG only | vs host equivalent | forwards/step | rows/step | vs floor | peak memory per step (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, config in configs.items():
+        result = measured[name]
+        versus = f"{paired_ratio(result['times'], measured[config.host]['times']):.2f}x" if config.host else "-"
+        print(f"| {name} | {min(result['times']):.3f} | {paired_ratio(result['times'], measured['CFG only']['times']):.2f}x | "
+              f"{versus} | {result['forwards']:g} | {result['rows']:g} | {paired_ratio(result['times'], result['floors']):.2f}x | "
+              f"{result['memory'] / 2**20:.0f} |", flush=True)
+
+
+def target_checks(configs, measured) -> list[tuple[str, list[float], float]]:
+    """(label, per-round ratios, limit) of each target of issue 18 for one batch size."""
+    cfg = measured["CFG only"]
+    checks = []
+    for name, config in configs.items():
+        if name == "CFG only":
+            continue
+        result = measured[name]
+        # its ratio to CFG only over the ratio of the bare forwards it runs to CFG only's, in each round
+        over_floor = [(t / c) / (f / cf) for t, c, f, cf in
+                      zip(result["times"], cfg["times"], result["floors"], cfg["floors"])]
+        checks.append((f"{name} vs CFG only <= 1.05x its floor ratio", over_floor, 1.05))
+        if config.host:
+            checks.append((f"{name} <= 1.0x {config.host}", round_ratios(result["times"], measured[config.host]["times"]), 1.0))
+    for name, config in configs.items():
+        if not config.host:
+            continue
+        memory = measured[name]["memory"] / max(measured[config.host]["memory"], 1)
+        limit = 1.5 if config.batched_copy else 1.0
+        checks.append((f"{name} memory <= {limit:g}x {config.host}", [memory], limit))
+        if "memory split" in measured[name]:
+            split = measured[name]["memory split"] / max(measured[config.host]["memory split"], 1)
+            checks.append((f"{name} memory <= 1x {config.host} where the host splits the batch", [split], 1.0))
+    return checks
+
+
+def per_step_work(steps: int, rounds: int, cfg: float) -> None:
+    """Per-step wall time of each configuration on the tiny SD1.5 test model (16x16 latent), where the
+    forwards cost little and the sampler's and the guidance's own Python work shows."""
+    model = build_model("sd15", seed=0)
+    positive, negative = make_conditioning("sd15", batch=1, seed=1)
+    latent = torch.zeros(1, 4, 16, 16)
+    configs = configurations(model)
+    times = {name: [] for name in configs}
+    for config in configs.values():
+        timed_run(config.model, positive, negative, latent, 2, cfg)  # warm-up
+    for round_index in range(rounds):
+        order = list(configs) if round_index % 2 == 0 else list(configs)[::-1]
+        for name in order:
+            seconds, rows = timed_run(configs[name].model, positive, negative, latent, steps, cfg)
+            times[name].append(seconds / steps)
+    print(f"\n## per-step work on the tiny test model (16x16 latent, batch 1, {steps} steps, {rounds} rounds)\n")
+    print("| configuration | ms per step | vs CFG only | vs host equivalent |")
+    print("|---|---|---|---|")
+    for name, config in configs.items():
+        versus = f"{paired_ratio(times[name], times[config.host]):.2f}x" if config.host else "-"
+        print(f"| {name} | {min(times[name]) * 1000:.1f} | {paired_ratio(times[name], times['CFG only']):.2f}x | {versus} |")
+
+
+# the configurations --compile measures (each new guards is a compile of the whole model: on a GPU inductor
+# takes most of a minute for each)
+COMPILED = ("CFG only", "our PAG", "our SAG")
+
+
+def unique_graphs() -> int:
+    return dynamo_counters["stats"]["unique_graphs"]
+
+
+def compiled_speedup(configs, positive, negative, latent, steps, repeats, cfg, backend) -> None:
+    """Each configuration with the host's TorchCompileModel applied after ours: its first run (which
+    compiles), the graphs that compiled, then rounds of the eager and the compiled model side by side
+    and the graphs compiled during them (0: nothing recompiles per step or per guided/unguided switch)."""
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            # every configuration compiles the same diffusion model's code, each with its own guards
+            setattr(torch._dynamo.config, name, 64)
+    names = [name for name in COMPILED if name in configs]
+    compiled = {name: TorchCompileModel.execute(configs[name].model, backend=backend).result[0] for name in names}
+    print(f"\n## torch.compile (the host's TorchCompileModel after ours, backend {backend}, {repeats} rounds)\n")
+    first = {}
+    for name in names:
+        before = unique_graphs()
+        seconds, _ = timed_run(compiled[name], positive, negative, latent, steps, cfg)
+        first[name] = (seconds, unique_graphs() - before)
+        print(f"- {name}: first run {seconds:.1f} s, {first[name][1]} graphs compiled", flush=True)
+    warm = unique_graphs()
+    eager_times = {name: [] for name in names}
+    compiled_times = {name: [] for name in names}
+    for round_index in range(repeats):
+        for name in (names if round_index % 2 == 0 else names[::-1]):
+            eager_times[name].append(timed_run(configs[name].model, positive, negative, latent, steps, cfg)[0])
+            compiled_times[name].append(timed_run(compiled[name], positive, negative, latent, steps, cfg)[0])
+    recompiled = unique_graphs() - warm
+    print()
+    print("| configuration | eager (s) | compiled (s) | speed-up | compiled, vs compiled CFG only | first run (s) | graphs compiled in it |")
+    print("|---|---|---|---|---|---|---|")
+    for name in names:
+        print(f"| {name} | {min(eager_times[name]):.3f} | {min(compiled_times[name]):.3f} | "
+              f"{paired_ratio(eager_times[name], compiled_times[name]):.2f}x | "
+              f"{paired_ratio(compiled_times[name], compiled_times['CFG only']):.2f}x | {first[name][0]:.1f} | {first[name][1]} |")
+    print(f"\ngraphs compiled during the {repeats} timed rounds (after each configuration's first run): {recompiled}"
+          + ("" if recompiled == 0 else " -- something recompiles per step"), flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
@@ -245,6 +412,11 @@ def main():
     parser.add_argument("--cfg", type=float, default=5.0,
                         help="CFG scale (1: the positive alone, where the host's SAG still adds a negative pass)")
     parser.add_argument("--fp16", action="store_true", help="fp16 weights (GPU runs)")
+    parser.add_argument("--compile", action="store_true",
+                        help="instead of the tables: the speed-up of the host's TorchCompileModel on our nodes")
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend for --compile")
+    parser.add_argument("--work-steps", type=int, default=24,
+                        help="steps of the per-step work measurement on the tiny model (0 skips it)")
     options = parser.parse_args()
 
     dtype = torch.float16 if options.fp16 else torch.float32
@@ -255,59 +427,48 @@ def main():
     started = time.perf_counter()
     model = build(options.arch, dtype)
     model.model.to(device)
+    if options.compile:
+        for batch in options.batch:
+            positive, negative = conditioning(options.arch, batch)
+            latent = torch.zeros(batch, 4, options.latent, options.latent)
+            print(f"\n## batch {batch}")
+            compiled_speedup(configurations(model), positive, negative, latent, options.steps, options.repeats,
+                             options.cfg, options.backend)
+        print(f"\ntotal {time.perf_counter() - started:.0f} s")
+        return
     results = {}
     for batch in options.batch:
         positive, negative = conditioning(options.arch, batch)
         latent = torch.zeros(batch, 4, options.latent, options.latent)
         print(f"\n## batch {batch}\n")
-        print("| configuration | time (s) | vs CFG only | vs host equivalent | forwards/step | rows/step | vs floor | peak memory per step (MiB) |")
-        print("|---|---|---|---|---|---|---|---|")
         configs = configurations(model)
         measured, bare_rounds = measure_all(configs, positive, negative, latent, options.steps, options.repeats,
                                             options.cfg, options.arch)
-        for name, (_, host_name) in configs.items():
-            result = measured[name]
-            versus = f"{paired_ratio(result['times'], measured[host_name]['times']):.2f}x" if host_name else "-"
-            print(f"| {name} | {min(result['times']):.3f} | {paired_ratio(result['times'], measured['CFG only']['times']):.2f}x | "
-                  f"{versus} | {result['forwards']:g} | {result['rows']:g} | {paired_ratio(result['times'], result['floors']):.2f}x | "
-                  f"{result['memory'] / 2**20:.0f} |", flush=True)
+        print_table(configs, measured)
         bare = {n: statistics.median(r[n] for r in bare_rounds) for n in bare_rounds[0]}
         print("\nbare forwards of the diffusion model (median over rounds): "
               + ", ".join(f"{n} rows {seconds:.3f} s" for n, seconds in bare.items()))
         if batch in bare and 2 * batch in bare:
             print(f"a {batch}-row forward costs {bare[batch] / bare[2 * batch]:.2f} of a {2 * batch}-row one: "
                   f"the floor of a guidance that adds a {batch}-row forward to CFG is {1 + bare[batch] / bare[2 * batch]:.2f}x")
-        results[batch] = measured
-    print("\n## targets (issue 5)\n")
+        results[batch] = (configs, measured)
+    print("\n## targets (issue 18)\n")
     verdicts = []
-    for batch, measured in results.items():
-        def t(name, reference):
-            return round_ratios(measured[name]["times"], measured[reference]["times"])
-
-        def mem(name, reference):
-            return [measured[name]["memory"] / max(measured[reference]["memory"], 1)]
-
-        checks = [
-            ("our PAG <= 1.5x CFG only", t("our PAG", "CFG only"), 1.5),
-            ("our PAG <= 1.0x host PAG", t("our PAG", "host PAG"), 1.0),
-            ("our SAG <= 1.5x CFG only", t("our SAG", "CFG only"), 1.5),
-            ("our SAG <= 1.0x host SAG", t("our SAG", "host SAG"), 1.0),
-            ("our SAG+PAG <= 2.0x CFG only", t("our SAG+PAG", "CFG only"), 2.0),
-            ("our PAG end 0.5 <= 1.25x CFG only", t("our PAG end 0.5", "CFG only"), 1.25),
-            ("our PAG memory <= host PAG", mem("our PAG", "host PAG"), 1.0),
-            ("our SAG memory <= host SAG", mem("our SAG", "host SAG"), 1.0),
-            ("our SAG+PAG memory <= host SAG+PAG", mem("our SAG+PAG", "host SAG+PAG"), 1.0),
-        ]
-        for label, ratios, limit in checks:
+    for batch, (configs, measured) in results.items():
+        for label, ratios, limit in target_checks(configs, measured):
             ratio = statistics.median(ratios)
             verdict = "met" if ratio <= limit else "missed (met in some rounds)" if min(ratios) <= limit else "MISSED"
             verdicts.append(verdict)
             spread = f" (rounds {min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
             print(f"- batch {batch}: {label}: {ratio:.2f}{spread} {verdict}")
+    _, first_measured = results[options.batch[0]]
     print(f"\nsummary: {verdicts.count('met')}/{len(verdicts)} targets met by the median over rounds, "
           f"{verdicts.count('missed (met in some rounds)')} more met in some rounds; forwards/step with PAG+CFG: "
-          f"{results[options.batch[0]]['our PAG']['forwards']:g} (host: {results[options.batch[0]]['host PAG']['forwards']:g}); "
-          f"total {time.perf_counter() - started:.0f} s")
+          f"{first_measured['our PAG']['forwards']:g} (host: {first_measured['host PAG']['forwards']:g}); "
+          f"tables {time.perf_counter() - started:.0f} s", flush=True)
+    if options.work_steps:
+        per_step_work(options.work_steps, max(options.repeats, 3), options.cfg)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

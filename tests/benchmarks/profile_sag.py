@@ -50,7 +50,7 @@ def main():
     print(f"# one euler step, CFG 5, SD1.5-shaped UNet, latent {options.latent}x{options.latent}, batch {options.batch}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name in ("CFG only", "host SAG", "our SAG"):
-        wall, averages = profile_step(configs[name][0], positive, negative, latent)
+        wall, averages = profile_step(configs[name].model, positive, negative, latent)
         print(f"\n## {name}: {wall * 1000:.0f} ms per step (unprofiled)\n")
         by_name = {a.key: a for a in averages}
         for label in LABELS:
