@@ -204,6 +204,13 @@ class AttentionLayout:
 #   double  double.7    double_blocks.7        transformer_blocks.7(.attn)         Flux, Chroma
 #   single  single.20   single_blocks.20       single_transformer_blocks.20(.attn) Flux, Chroma
 #   double  double.30   transformer_blocks.30  transformer_blocks.30(.attn)        Qwen-Image
+#   double  double.2    double_blocks.2        transformer_blocks.2(.attn)         HunyuanVideo
+#   single  single.10   single_blocks.10       single_transformer_blocks.10(.attn) HunyuanVideo
+#   block   block.10    blocks.10              blocks.10(.attn1)                   Wan 2.1 / 2.2
+#   block   block.19    transformer_blocks.19  transformer_blocks.19(.attn1)       LTX-Video
+#
+# (``block`` is a video DiT's block with a video-only self-attention, attn1, and a cross-attention to the
+# text, attn2, which guidance leaves alone.)
 #
 # (Flux and Chroma call their dual-stream blocks double_blocks; Qwen-Image's are the same kind of block,
 # which the host names "double" too, under transformer_blocks: a layout can give a kind another host path.)
@@ -216,9 +223,12 @@ class AttentionLayout:
 # single block of that index, as diffusers' regex search would (without its ``blocks.1`` also
 # taking ``blocks.10``-``19``).
 
-_DIT_HOST_PATH = {"joint": "joint_blocks", "double": "double_blocks", "single": "single_blocks"}
-_DIT_DIFFUSERS_PATH = {"joint": "transformer_blocks", "double": "transformer_blocks", "single": "single_transformer_blocks"}
-_DIT_SHORT_RE = re.compile(r"^(joint|double|single)(?:\.(\d+)(?:-(\d+))?)?$")
+_DIT_HOST_PATH = {"joint": "joint_blocks", "double": "double_blocks", "single": "single_blocks", "block": "blocks"}
+_DIT_DIFFUSERS_PATH = {"joint": "transformer_blocks", "double": "transformer_blocks", "single": "single_transformer_blocks",
+                       "block": "blocks"}
+# the diffusers attention module of a block that is guided, where it is not ``attn``
+_DIT_DIFFUSERS_ATTENTION = {"block": "attn1"}
+_DIT_SHORT_RE = re.compile(r"^(joint|double|single|block)(?:\.(\d+)(?:-(\d+))?)?$")
 
 
 @dataclass(frozen=True)
@@ -229,6 +239,8 @@ class DiTBlock:
     index: int
     # the host's module list where it is not the kind's usual one; not part of the block's identity
     host_path: str | None = field(default=None, compare=False)
+    # diffusers' module list where it is not the kind's usual one (LTX-Video's blocks: transformer_blocks)
+    diffusers_path: str | None = field(default=None, compare=False)
 
     @property
     def index_name(self) -> str:
@@ -240,7 +252,8 @@ class DiTBlock:
 
     @property
     def diffusers_name(self) -> str:
-        return f"{_DIT_DIFFUSERS_PATH[self.kind]}.{self.index}.attn"
+        path = self.diffusers_path or _DIT_DIFFUSERS_PATH[self.kind]
+        return f"{path}.{self.index}.{_DIT_DIFFUSERS_ATTENTION.get(self.kind, 'attn')}"
 
 
 class DiTLayout:
@@ -250,18 +263,28 @@ class DiTLayout:
     how to reach the blocks ("mmdit" or "flux"); ``depths`` maps each kind to its block count, in
     forward order; ``notes`` adds a line per kind to ``describe`` (e.g. which blocks have a second,
     image-only self-attention); ``host_paths`` gives a kind's host module list where it is not the usual
-    one (Qwen-Image's double blocks are its ``transformer_blocks``).
+    one (Qwen-Image's double blocks are its ``transformer_blocks``), ``diffusers_paths`` diffusers' (LTX-Video's
+    blocks are its ``transformer_blocks``). ``defaults`` is the family's default layer spec per node kind
+    (``"pag"``, ``"sag"``) and ``default_sources`` where each comes from (see ``default_layers``).
     """
 
     def __init__(self, family: str, architecture: str, depths: dict[str, int], notes: dict[str, str] | None = None,
-                 host_paths: dict[str, str] | None = None):
+                 host_paths: dict[str, str] | None = None, diffusers_paths: dict[str, str] | None = None,
+                 defaults: dict[str, str] | None = None, default_sources: dict[str, str] | None = None):
         self.family = family
         self.architecture = architecture
         self.depths = dict(depths)
         self.notes = dict(notes or {})
         self.host_paths = {kind: (host_paths or {}).get(kind, _DIT_HOST_PATH[kind]) for kind in self.depths}
-        self.sites: list[DiTBlock] = [DiTBlock(kind, i, self.host_paths[kind])
+        self.diffusers_paths = {kind: (diffusers_paths or {}).get(kind, _DIT_DIFFUSERS_PATH[kind]) for kind in self.depths}
+        self.defaults = dict(defaults or {})
+        self.default_sources = dict(default_sources or {})
+        self.sites: list[DiTBlock] = [DiTBlock(kind, i, self.host_paths[kind], self.diffusers_paths[kind])
                                       for kind, n in self.depths.items() for i in range(n)]
+
+    def default_layers(self, node: str) -> str | None:
+        """The family's default layer spec for ``node`` ("pag", "sag"; SEG takes PAG's), or None where it has none."""
+        return self.defaults.get(node, self.defaults.get("pag") if node == "seg" else None)
 
     def describe(self) -> str:
         """The blocks of this model in all three spellings, one kind per line."""
@@ -270,7 +293,7 @@ class DiTLayout:
             if n == 0:
                 continue
             indices = "0" if n == 1 else f"0-{n - 1}"
-            line = (f"  {kind}.{indices} = {_DIT_DIFFUSERS_PATH[kind]}.{indices} "
+            line = (f"  {kind}.{indices} = {self.diffusers_paths[kind]}.{indices} "
                     f"(host {self.host_paths[kind]}.{indices})")
             if kind in self.notes:
                 line += f"; {self.notes[kind]}"
@@ -312,7 +335,7 @@ class DiTLayout:
         block, blocks = self._examples()
         raise LayerSpecError(
             f"Cannot read layer '{entry}'. Write a block such as '{block}', a range such as '{blocks}', or a "
-            f"diffusers / host path such as '{self.sites[0].diffusers_name[:-len('.attn')]}'. This {self.family} "
+            f"diffusers / host path such as '{self.sites[0].diffusers_name.rsplit('.', 1)[0]}'. This {self.family} "
             f"model has:\n{self.describe()}"
         )
 

@@ -18,6 +18,16 @@ Where a call comes from:
   counts from the block's inputs. Its joint attention runs over ``cat(text, image)``; SD3.5 Medium blocks
   also run an image-only self-attention (``attn2``) with the same options, told apart by its length.
 
+- Video DiTs (Wan 2.x: comfy/ldm/wan/model.py, LTX-Video: comfy/ldm/lightricks/model.py; architecture
+  "video"): 0.3.75 sets no block index in either. Each block runs a video-only self-attention over the
+  space-time tokens, then a cross-attention to the text (Wan I2V: to the CLIP image embeddings, then the
+  text), all with the same options. A block replacement on each chosen block marks it with its token count
+  (``args["img"]``); the first call of the block whose queries and keys both have that many tokens is the
+  self-attention, every later call goes to the previous override untouched.
+- HunyuanVideo (comfy/ldm/hunyuan_video/model.py; architecture "hunyuan_video") runs Flux's double and
+  single stream blocks with the same block_type / block_index and block replacements, but attends over
+  ``cat(image, text)``: text after the image (``flipped_img_txt``), and reference-latent tokens before it.
+
 Token counts are always measured, never guessed: MMDiT's from the block inputs; Flux's text length from
 the text stream entering its first double block (a block replacement there writes it into the forward's
 transformer_options, the dict Flux hands to every later block, as it does with ``block_index``); the
@@ -26,6 +36,7 @@ latent's size from an APPLY_MODEL wrapper, for the token grid.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import comfy.patcher_extension
@@ -41,6 +52,11 @@ OVERRIDE = "optimized_attention_override"
 MMDIT_BLOCK = "dit_mmdit_block"  # the MMDiT block running now (an MMDiTBlockMark), set by our block replacement
 TEXT_TOKENS = "dit_text_tokens"  # Flux: text tokens of this forward
 LATENT_HW = "dit_latent_hw"  # (H, W) of the latent this forward runs on
+LATENT_FRAMES = "dit_latent_frames"  # T of a [B, C, T, H, W] latent this forward runs on
+VIDEO_BLOCK = "dit_video_block"  # the video DiT block running now (a VideoBlockMark), set by our block replacement
+
+# architectures whose token grid is (frames, h, w)
+VIDEO_ARCHITECTURES = ("video", "hunyuan_video")
 
 # The host attention functions' parameters (attention_pytorch and the others, 0.3.75), positional order.
 _PARAMETERS = ("q", "k", "v", "heads", "mask", "attn_precision", "skip_reshape", "skip_output_reshape")
@@ -51,6 +67,16 @@ class MMDiTBlockMark:
     block: DiTBlock
     text_tokens: int
     image_tokens: int
+
+
+class VideoBlockMark:
+    """A video DiT block running now: its space-time token count, and whether its self-attention (the
+    block's first attention call) has run yet."""
+
+    def __init__(self, block: DiTBlock, tokens: int):
+        self.block = block
+        self.tokens = tokens
+        self.self_attention_done = False
 
 
 def _run_attention(func, *args, **kwargs):
@@ -66,6 +92,13 @@ def token_grid(architecture: str, patch_size: int, latent_hw) -> tuple[int, int]
     # Flux._forward and Chroma._forward: (h + p // 2) // p, which is ceil(h / p) for their patch sizes
     # (1, 2); Chroma Radiance pads its pixels to the patch size (16) first: ceil(h / p)
     return -(-height // patch_size), -(-width // patch_size)
+
+
+def video_token_grid(patch_size, latent_size) -> tuple[int, ...]:
+    """The space-time token grid a video DiT makes of a ``(T, H, W)`` latent (or ``(H, W)`` for a 2-D patch):
+    each axis padded to its patch size (Wan: ``pad_to_patch_size``; HunyuanVideo and LTX-Video patch 1 in time)."""
+    sizes = tuple(latent_size)[-len(patch_size):]
+    return tuple(-(-size // patch) for size, patch in zip(sizes, patch_size))
 
 
 class DiTAttention:
@@ -124,6 +157,10 @@ class DiTAttention:
         return self.q.shape[2] if self._values.get("skip_reshape") else self.q.shape[1]
 
     @property
+    def key_length(self) -> int:
+        return self.k.shape[2] if self._values.get("skip_reshape") else self.k.shape[1]
+
+    @property
     def text_tokens(self) -> int:
         if self._text_tokens is None:
             raise RuntimeError(
@@ -133,19 +170,45 @@ class DiTAttention:
             )
         return self._text_tokens
 
-    def image_grid(self) -> tuple[int, int]:
-        """``(h, w)`` token grid of the generated image: its tokens are the first ``h * w`` after the text."""
+    @property
+    def text_last(self) -> bool:
+        """The text tokens come after the image tokens (HunyuanVideo), not before them."""
+        return self.architecture == "hunyuan_video"
+
+    def image_grid(self) -> tuple[int, ...]:
+        """``(h, w)`` token grid of the generated image, ``(frames, h, w)`` on a video DiT (see ``image_slice``)."""
         latent_hw = guidance_options(self.options).get(LATENT_HW)
         if latent_hw is None:
             raise RuntimeError(f"Attention guidance: the latent size of this forward is unknown at {self.block.index_name}.")
-        grid = token_grid(self.architecture, self.patch_size, latent_hw)
+        if self.architecture in VIDEO_ARCHITECTURES:
+            frames = guidance_options(self.options).get(LATENT_FRAMES)
+            grid = video_token_grid(self.patch_size, latent_hw if frames is None else (frames, *latent_hw))
+        else:
+            grid = token_grid(self.architecture, self.patch_size, latent_hw)
         image_tokens = self.length - self.text_tokens
-        if grid[0] * grid[1] > image_tokens:
+        if math.prod(grid) > image_tokens:
             raise RuntimeError(
                 f"Attention guidance: {self.block.index_name} has {image_tokens} image tokens, fewer than the "
-                f"{grid[0]}x{grid[1]} grid of the {tuple(latent_hw)} latent."
+                f"{'x'.join(map(str, grid))} grid of the {tuple(latent_hw)} latent."
             )
         return grid
+
+    def image_slice(self, grid) -> slice:
+        """Where the generated image's ``grid`` tokens sit in the sequence: right after the text (SD3, Flux,
+        whose reference latents follow the image), at the end of the image part (HunyuanVideo, whose
+        reference latents come first, then the text), or all of a video block's tokens."""
+        count = math.prod(grid)
+        if self.architecture == "hunyuan_video":
+            image_tokens = self.length - self.text_tokens
+            return slice(image_tokens - count, image_tokens)
+        if self.architecture == "video" and count != self.length:
+            raise RuntimeError(
+                f"Self-Attention Guidance: {self.block.index_name} attends over {self.length} tokens, not the "
+                f"{'x'.join(map(str, grid))} video tokens of the latent: the model adds reference or context "
+                "latents to the sequence, and SAG cannot tell the video's own tokens apart there. Use PAG, or "
+                "run without those latents."
+            )
+        return slice(self.text_tokens, self.text_tokens + count)
 
     def to_heads(self, t: torch.Tensor) -> torch.Tensor:
         if self._values.get("skip_reshape"):
@@ -205,6 +268,9 @@ def _locate(architecture: str, options: dict):
     if architecture == "mmdit":
         mark = guidance_options(options).get(MMDIT_BLOCK)
         return (mark.block, mark.text_tokens, mark) if mark is not None else (None, None, None)
+    if architecture == "video":
+        mark = guidance_options(options).get(VIDEO_BLOCK)
+        return (mark.block, 0, mark) if mark is not None else (None, None, None)
     kind = options.get("block_type")
     if kind not in ("double", "single"):
         return None, None, None
@@ -236,6 +302,16 @@ def _mark_mmdit_block(block: DiTBlock):
     return run
 
 
+def _mark_video_block(block: DiTBlock):
+    def run(args, extra, previous_block):
+        options = args["transformer_options"]
+        mark = VideoBlockMark(block, args["img"].shape[1])
+        marked = {**options, GUIDANCE_OPTIONS: {**options.get(GUIDANCE_OPTIONS, {}), VIDEO_BLOCK: mark}}
+        return previous_block(dict(args, transformer_options=marked), extra)
+
+    return run
+
+
 def _stamp_flux_text_tokens(args, extra, previous_block):
     options = args["transformer_options"]
     # in place: Flux hands this same dict to every later block (as it does with block_index)
@@ -244,15 +320,24 @@ def _stamp_flux_text_tokens(args, extra, previous_block):
 
 
 def _stamp_latent_size(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
-    ours = {**transformer_options.get(GUIDANCE_OPTIONS, {}), LATENT_HW: tuple(x.shape[-2:])}
+    ours = {**transformer_options.get(GUIDANCE_OPTIONS, {}), LATENT_HW: tuple(x.shape[-2:]),
+            LATENT_FRAMES: x.shape[2] if x.ndim == 5 else None}
     return executor(x, t, c_concat, c_crossattn, control, {**transformer_options, GUIDANCE_OPTIONS: ours}, **kwargs)
+
+
+def _patch_size(diffusion_model):
+    """The model's patch size: an int (SD3, Flux, Chroma, Qwen-Image) or one per latent axis (video DiTs)."""
+    size = getattr(diffusion_model, "patch_size", None)
+    if size is None and hasattr(diffusion_model, "patchifier"):  # LTX-Video patchifies in its patchifier
+        size = diffusion_model.patchifier.patch_size
+    return tuple(int(p) for p in size) if isinstance(size, (tuple, list)) else int(size)
 
 
 def install_dit_handler(model, layout: DiTLayout, blocks: list[DiTBlock], handler: Handler) -> None:
     """Run ``handler(call)`` for every attention call in ``blocks`` of ``model`` (a clone); it returns the
     call's output and must use ``call.run()`` (or ``call.split``) for every row it does not compute itself."""
     architecture = layout.architecture
-    patch_size = int(model.get_model_object("diffusion_model").patch_size)
+    patch_size = _patch_size(model.get_model_object("diffusion_model"))
     chosen = frozenset(blocks)
     transformer_options = model.model_options.setdefault("transformer_options", {})
     previous = transformer_options.get(OVERRIDE, _run_attention)
@@ -263,6 +348,13 @@ def install_dit_handler(model, layout: DiTLayout, blocks: list[DiTBlock], handle
             return previous(func, *args, **kwargs)
         values = dict(zip(_PARAMETERS, args), **kwargs)
         call = DiTAttention(previous, func, values, len(args), block, architecture, patch_size, text_tokens, True)
+        if isinstance(mark, VideoBlockMark):
+            # the block's first call with as many queries and keys as video tokens is its self-attention;
+            # the cross-attention to the text (and to Wan I2V's image embeddings) that follows is left alone
+            if mark.self_attention_done or call.length != mark.tokens or call.key_length != mark.tokens:
+                return previous(func, *args, **kwargs)
+            mark.self_attention_done = True
+            return handler(call)
         if mark is not None and call.length != mark.text_tokens + mark.image_tokens:
             if call.length != mark.image_tokens:
                 return previous(func, *args, **kwargs)  # not one of the block's self-attentions
@@ -273,6 +365,10 @@ def install_dit_handler(model, layout: DiTLayout, blocks: list[DiTBlock], handle
     if architecture == "mmdit":
         for block in blocks:
             _replace_block(model, "double_block", block.index, _mark_mmdit_block(block))
+    elif architecture == "video":
+        # Wan and LTX-Video offer their blocks as ("double_block", i) replacements
+        for block in blocks:
+            _replace_block(model, "double_block", block.index, _mark_video_block(block))
     else:
         _replace_block(model, "double_block", 0, _stamp_flux_text_tokens)
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _stamp_latent_size)

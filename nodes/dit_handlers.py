@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 
 from ..guidance_core.rows import chunk_rows
-from ..pag_core import joint_identity_attention
+from ..pag_core import joint_identity_attention, joint_identity_attention_text_last
 from ..sag_core import key_attention_mass
 from .attention_sites import guidance_options
 from .dit_attention import DiTAttention
@@ -25,7 +25,8 @@ def perturbed_attention_handler(instance: str, perturbing: Callable[[], None]):
         perturbing()
 
         def perturbed(part: DiTAttention):
-            out = joint_identity_attention(part.q_heads(), part.k_heads(), part.v_heads(), part.text_tokens, part.mask)
+            attention = joint_identity_attention_text_last if part.text_last else joint_identity_attention
+            out = attention(part.q_heads(), part.k_heads(), part.v_heads(), part.text_tokens, part.mask)
             return part.from_heads(out)
 
         return call.split(lambda c: c == cond_id, perturbed, lambda part: part.run())
@@ -42,7 +43,8 @@ def _flat(t):
 def key_mass_recorder(instance: str, record_option: str, records: dict, make_record):
     """SAG: the call's output untouched, plus, for the rows of the chunks tagged ``record_option`` for
     ``instance``, the attention mass each image token receives from the image tokens, stored as
-    ``records[entry uuid] = make_record(mass [B, h * w], (h, w))``.
+    ``records[entry uuid] = make_record(mass [B, h * w], (h, w))`` (on a video DiT ``[B, t * h * w]`` on
+    ``(t, h, w)``: every space-time token of the video, the map over the whole video's self-attention).
 
     Text tokens are left out: the mass is that of the joint attention probabilities of image queries
     over image keys, renormalised per query (the same as a softmax over the image keys alone), so it
@@ -59,7 +61,7 @@ def key_mass_recorder(instance: str, record_option: str, records: dict, make_rec
         if ref_id is None or not positions or not call.joint:
             return out
         grid = call.image_grid()
-        image = slice(call.text_tokens, call.text_tokens + grid[0] * grid[1])
+        image = call.image_slice(grid)
         rows = chunk_rows(chunks, positions, call.q.shape[0], call.q.device)
         q, k = call.q_heads()[rows][:, :, image], call.k_heads()[rows][:, :, image]
         with torch.profiler.record_function("attention_guidance.sag_key_mass"):
