@@ -381,3 +381,45 @@ def test_the_unpatched_model_is_untouched(family):
     assert repr(model.model_options) == options
     assert torch.equal(denoise_once(model, positive, negative, x, sigma, 4.0), before)
 
+
+# --- the host's context windows (long videos) -------------------------------------------------------------
+
+def _windowed_wan():
+    # 13 video frames = 4 latent frames a window, 2 of them overlapping (the node counts video frames)
+    return WanContextWindowsManualNode.execute(tiny("wan21"), 13, 5, "standard_static", 1, False, "pyramid").result[0]
+
+
+def _long_video(seed=14):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 16, 7, 8, 8, generator=generator), torch.tensor([0.6])
+
+
+def test_pag_under_context_windows_runs_its_own_pass_through_the_windows():
+    # the windows evaluate the sampler's lists window by window and blend only those lists, so PAG's copy
+    # cannot ride along: PAG runs the perturbed positive as its own pass, which the windows split the same
+    # way, and its result is CFG + s (cond - perturbed) of the windowed predictions
+    windowed = _windowed_wan()
+    positive, negative = make_dit_conditioning("wan21", batch=1, seed=15)
+    x, sigma = _long_video()
+    plain = denoise_once(windowed, positive, negative, x, sigma, 4.0)
+    cond = denoise_once(windowed, positive, negative, x, sigma, 1.0)
+    perturbed = denoise_once(with_override(windowed, identity_at_block("wan21", "block.1")), positive, negative, x,
+                             sigma, 1.0)
+    patched = pag(windowed, "block.1")
+    with count_forwards(patched) as forwards:
+        ours = denoise_once(patched, positive, negative, x, sigma, 4.0)
+    assert rel_err(ours, plain + 3.0 * (cond - perturbed)) < 1e-4
+    assert {f.batch_size for f in forwards} == {1, 2} and len(forwards) == 2 * 3  # 3 windows, no copy batched
+    assert all(sorted(f.cond_or_uncond) in ([0, 1], [0]) for f in forwards)
+
+
+def test_sag_under_context_windows_says_so_and_leaves_the_step_unguided(caplog):
+    # a window's map covers only its frames; SAG does not stitch windows, so it warns and does not guide
+    windowed = _windowed_wan()
+    positive, negative = make_dit_conditioning("wan21", batch=1, seed=16)
+    x, sigma = _long_video(seed=17)
+    plain = denoise_once(windowed, positive, negative, x, sigma, 4.0)
+    with caplog.at_level("WARNING"):
+        out = denoise_once(sag(windowed, "block.1"), positive, negative, x, sigma, 4.0)
+    assert torch.equal(out, plain)
+    assert "context windows" in caplog.text
