@@ -6,6 +6,7 @@ PAG's perturbed prediction is checked against one computed here with an attentio
 that replaces the chosen self-attention by the identity (each video token keeps its value; HunyuanVideo: an
 explicit mask over its joint image + text sequence), SAG's mask against one computed here from the block's
 own queries and keys."""
+import comfy.clip_vision
 import comfy.model_base
 import comfy.model_patcher
 import comfy.patcher_extension
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from comfy_extras.nodes_context_windows import WanContextWindowsManualNode
 from diffusers import HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel, WanTransformer3DModel
 
+from attention_guidance.nodes.attention_sites import chunk_ids
 from attention_guidance.nodes.dit_layout import dit_attention_layout
 from attention_guidance.nodes.pag import PerturbedAttentionGuidance
 from attention_guidance.nodes.sag import SelfAttentionGuidance, with_sag_mask_probe
@@ -423,3 +425,53 @@ def test_sag_under_context_windows_says_so_and_leaves_the_step_unguided(caplog):
         out = denoise_once(sag(windowed, "block.1"), positive, negative, x, sigma, 4.0)
     assert torch.equal(out, plain)
     assert "context windows" in caplog.text
+
+
+# --- image-to-video conditioning -----------------------------------------------------------------------------
+
+def _wan_i2v_conditioning(seed=18):
+    """What the host's WanImageToVideo node adds to both conditionings: the start image's latent and mask as
+    concat channels, and a CLIP vision output for the image embeddings."""
+    positive, negative = make_dit_conditioning("wan21_i2v", batch=1, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    image_latent = torch.randn(1, 16, 3, 8, 10, generator=generator)
+    mask = torch.ones(1, 1, 3, 8, 10)
+    mask[:, :, 0] = 0.0  # the first frame is given
+    vision = comfy.clip_vision.Output()
+    vision["penultimate_hidden_states"] = torch.randn(1, 257, 1280, generator=generator)
+    extras = {"concat_latent_image": image_latent, "concat_mask": mask, "clip_vision_output": vision}
+    return ([[c[0], {**c[1], **extras}] for c in positive], [[c[0], {**c[1], **extras}] for c in negative])
+
+
+def test_image_to_video_conditioning_reaches_the_perturbed_copy_unchanged():
+    model = tiny("wan21_i2v")
+    positive, negative = _wan_i2v_conditioning()
+    x, sigma = noisy_dit_latent(model, 0.6, shape=(1, 16, 8, 10))
+    text_only, _ = make_dit_conditioning("wan21_i2v", batch=1, seed=18)
+    assert rel_err(denoise_once(model, positive, negative, x, sigma, 4.0),
+                   denoise_once(model, text_only, negative, x, sigma, 4.0)) > 1e-2  # the image is used
+    seen = []
+
+    def keep_inputs(executor, x_in, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        seen.append((chunk_ids(transformer_options), c_concat, kwargs["clip_fea"]))
+        return executor(x_in, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+    calls = []
+    patched = pag(recording(model, calls), "block.1")
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test", keep_inputs)
+    ours = denoise_once(patched, positive, negative, x, sigma, 4.0)
+    (chunks, concat, clip_fea), = seen
+    copy, source = chunks.index(2), chunks.index(0)
+    assert concat.shape[1] == 20  # 4 mask + 16 image channels
+    assert torch.equal(concat[copy], concat[source]) and torch.equal(clip_fea[copy], clip_fea[source])
+    # per block: the self-attention over the 3 x 4 x 5 video tokens, the cross-attention to the 257 image
+    # embeddings, to the 7 text tokens; only the chosen self-attention loses the perturbed rows
+    assert [args[1].shape[1] for _, args, _ in calls] == [60, 257, 7] * 3
+    assert [args[0].shape[0] for _, args, _ in calls] == [3, 3, 3, 2, 3, 3, 3, 3, 3]
+    plain = denoise_once(model, positive, negative, x, sigma, 4.0)
+    cond = denoise_once(model, positive, negative, x, sigma, 1.0)
+    perturbed = denoise_once(with_override(model, identity_at_block("wan21_i2v", "block.1")), positive, negative, x,
+                             sigma, 1.0)
+    assert rel_err(ours, plain + 3.0 * (cond - perturbed)) < 1e-4
+    sag_out = denoise_once(sag(model, "block.1"), positive, negative, x, sigma, 4.0)
+    assert torch.isfinite(sag_out).all() and rel_err(sag_out, plain) > 1e-3
