@@ -35,7 +35,13 @@ FLUX_DEV = dict(
     theta=10000, qkv_bias=True, guidance_embed=True,
 )
 
-ARCHITECTURES = ("sd15", "sdxl", "sd3_medium", "flux_dev")
+# Wan 2.1 T2V 1.3B: 30 blocks of width 1536, 12 heads (comfy.model_detection reads them from the weights).
+WAN21_T2V_1_3B = dict(
+    image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=1536, ffn_dim=8960,
+    freq_dim=256, text_dim=4096, out_dim=16, num_heads=12, num_layers=30, eps=1e-6,
+)
+
+ARCHITECTURES = ("sd15", "sdxl", "sd3_medium", "flux_dev", "wan21_t2v_1.3b")
 
 
 def meta_model(architecture: str):
@@ -50,6 +56,8 @@ def meta_model(architecture: str):
         "sdxl": lambda: comfy.model_base.SDXL(comfy.supported_models.SDXL(dict(SDXL_UNET)), device="meta"),
         "sd3_medium": lambda: comfy.model_base.SD3(comfy.supported_models.SD3(dict(SD3_MEDIUM_MMDIT)), device="meta"),
         "flux_dev": lambda: comfy.model_base.Flux(comfy.supported_models.Flux(dict(FLUX_DEV)), device="meta"),
+        "wan21_t2v_1.3b": lambda: comfy.model_base.WAN21(comfy.supported_models.WAN21_T2V(dict(WAN21_T2V_1_3B)),
+                                                         device="meta"),
     }
     if architecture not in builders:
         raise ValueError(f"unknown architecture {architecture!r}; one of {', '.join(ARCHITECTURES)}")
