@@ -10,6 +10,8 @@ import comfy.clip_vision
 import comfy.model_base
 import comfy.model_patcher
 import comfy.patcher_extension
+import comfy.sample
+import comfy.samplers
 import comfy.supported_models
 import pytest
 import torch
@@ -21,6 +23,7 @@ from attention_guidance.nodes.attention_sites import chunk_ids
 from attention_guidance.nodes.dit_layout import dit_attention_layout
 from attention_guidance.nodes.pag import PerturbedAttentionGuidance
 from attention_guidance.nodes.sag import SelfAttentionGuidance, with_sag_mask_probe
+from attention_guidance.nodes.sag_preview import SAGMaskPreview
 from support.dit_models import build_dit, count_forwards, make_dit_conditioning, noisy_dit_latent
 from support.models import denoise_once, short_of_memory
 
@@ -475,3 +478,23 @@ def test_image_to_video_conditioning_reaches_the_perturbed_copy_unchanged():
     assert rel_err(ours, plain + 3.0 * (cond - perturbed)) < 1e-4
     sag_out = denoise_once(sag(model, "block.1"), positive, negative, x, sigma, 4.0)
     assert torch.isfinite(sag_out).all() and rel_err(sag_out, plain) > 1e-3
+
+
+@pytest.mark.parametrize("family", ["wan21", "wan22_ti2v", "ltxv"])
+def test_preview_node_shows_one_mask_per_frame_at_image_size(family):
+    model = tiny(family)
+    positive, negative = make_dit_conditioning(family, batch=1, seed=19)
+    latent = torch.zeros(noisy_dit_latent(model, 0.5, shape=(1, 16, 8, 10))[0].shape)
+    patched = sag(model, BLOCK[family])
+    mask, image = SAGMaskPreview.execute(patched, positive, negative, {"samples": latent}, 5, 10, 3, 4.0,
+                                         "simple").result
+    ratio = {"wan21": 8, "wan22_ti2v": 16, "ltxv": 32}[family]  # the VAEs' spatial downscale
+    assert mask.shape == (3, 8 * ratio, 10 * ratio) and image.shape == (3, 8 * ratio, 10 * ratio, 3)
+    sampling = model.get_model_object("model_sampling")
+    sigma = comfy.samplers.calculate_sigmas(sampling, "simple", 10)[3].reshape(1)
+    noise = comfy.sample.prepare_noise(latent, 5)
+    kept = []
+    denoise_once(with_sag_mask_probe(patched, kept.append), positive, negative,
+                 sampling.noise_scaling(sigma, noise, latent), sigma, 4.0)
+    assert torch.equal(mask, F.interpolate(kept[0], scale_factor=ratio)[:, 0])
+    assert all(0.0 < mask[frame].mean() < 1.0 for frame in range(3))
