@@ -257,7 +257,8 @@ class SelfAttentionGuidance(io.ComfyNode):
                     "layer", default="m0.0", multiline=False,
                     tooltip="The one self-attention layer whose map makes the mask: 'm0.0' (middle block, first "
                     "transformer; diffusers' choice), 'mid', 'd4', 'u0.1', 'up_blocks.0.attentions.1', "
-                    "'middle.0'. SD3: 'joint.13'; Flux, Chroma: 'double.7', 'single.20'; Qwen-Image: 'double.30'. "
+                    "'middle.0'. SD3: 'joint.13'; Flux, Chroma: 'double.7', 'single.20'; Qwen-Image: 'double.30'; "
+                    "Wan: 'block.10'; HunyuanVideo: 'double.2'; LTX-Video: 'block.19'. "
                     "Same syntax as PAG's layers; a wrong name lists the model's layers.",
                 ),
                 io.Float.Input(
