@@ -498,3 +498,29 @@ def test_preview_node_shows_one_mask_per_frame_at_image_size(family):
                  sampling.noise_scaling(sigma, noise, latent), sigma, 4.0)
     assert torch.equal(mask, F.interpolate(kept[0], scale_factor=ratio)[:, 0])
     assert all(0.0 < mask[frame].mean() < 1.0 for frame in range(3))
+
+
+def test_sag_says_it_cannot_map_a_wan_sequence_with_reference_tokens_and_pag_guides_it():
+    # Wan's reference latent (the Fun models' ref_conv) puts one frame of reference tokens before the video's
+    from support.dit_models import DIT_CONFIGS
+    from support.models import initialise_weights
+
+    config = comfy.supported_models.WAN21_T2V({**DIT_CONFIGS["wan21"], "in_dim_ref_conv": 16})
+    config.set_inference_dtype(torch.float32, None)
+    base = comfy.model_base.WAN21(config, device=torch.device("cpu"))
+    initialise_weights(base.diffusion_model, 0)
+    base.tiny_family = "wan21"
+    cpu = torch.device("cpu")
+    model = comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+    positive, negative = make_dit_conditioning("wan21", batch=1, seed=20)
+    x, sigma = noisy_dit_latent(model, 0.6)
+    reference = torch.randn(1, 16, 1, 8, 8, generator=torch.Generator().manual_seed(21))
+    positive = [[c[0], {**c[1], "reference_latents": [reference]}] for c in positive]
+    negative = [[c[0], {**c[1], "reference_latents": [reference]}] for c in negative]
+    plain = denoise_once(model, positive, negative, x, sigma, 4.0)
+    guided = denoise_once(pag(model, "block.1"), positive, negative, x, sigma, 4.0)
+    assert torch.isfinite(guided).all() and rel_err(guided, plain) > 1e-3
+    with pytest.raises(RuntimeError) as error:
+        denoise_once(sag(model, "block.1"), positive, negative, x, sigma, 4.0)
+    message = str(error.value)
+    assert "block.1 attends over 64 tokens, not the 3x4x4 video tokens" in message and "Use PAG" in message
