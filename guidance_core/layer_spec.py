@@ -277,6 +277,13 @@ class AttentionLayout(DefaultLayers):
 #   single  single.15   layers.15              layers.15(.attention / .attn)       Z-Image / Lumina 2 (NextDiT)
 #   double  double.8    double_stream_blocks.8 double_stream_blocks.8(.block.attn1) HiDream
 #   single  single.20   single_stream_blocks.20 single_stream_blocks.20(.block.attn1) HiDream
+#   double  double.2    double_blocks.2        transformer_blocks.2(.attn)         HunyuanVideo
+#   single  single.10   single_blocks.10       single_transformer_blocks.10(.attn) HunyuanVideo
+#   block   block.10    blocks.10              blocks.10(.attn1)                   Wan 2.1 / 2.2
+#   block   block.19    transformer_blocks.19  transformer_blocks.19(.attn1)       LTX-Video
+#
+# (``block`` is a video DiT's block with a video-only self-attention, attn1, and a cross-attention to the
+# text, attn2, which guidance leaves alone.)
 #
 # (Flux and Chroma call their dual-stream blocks double_blocks; Qwen-Image's are the same kind of block,
 # which the host names "double" too, under transformer_blocks: a layout can give a kind another host path,
@@ -290,9 +297,12 @@ class AttentionLayout(DefaultLayers):
 # single block of that index, as diffusers' regex search would (without its ``blocks.1`` also
 # taking ``blocks.10``-``19``).
 
-_DIT_HOST_PATH = {"joint": "joint_blocks", "double": "double_blocks", "single": "single_blocks"}
-_DIT_DIFFUSERS_PATH = {"joint": "transformer_blocks", "double": "transformer_blocks", "single": "single_transformer_blocks"}
-_DIT_SHORT_RE = re.compile(r"^(joint|double|single)(?:\.(\d+)(?:-(\d+))?)?$")
+_DIT_HOST_PATH = {"joint": "joint_blocks", "double": "double_blocks", "single": "single_blocks", "block": "blocks"}
+_DIT_DIFFUSERS_PATH = {"joint": "transformer_blocks", "double": "transformer_blocks", "single": "single_transformer_blocks",
+                       "block": "blocks"}
+# the diffusers attention module of a block that is guided, where it is not ``attn``
+_DIT_DIFFUSERS_ATTENTION = {"block": "attn1"}
+_DIT_SHORT_RE = re.compile(r"^(joint|double|single|block)(?:\.(\d+)(?:-(\d+))?)?$")
 
 
 @dataclass(frozen=True)
@@ -346,7 +356,8 @@ class DiTLayout(DefaultLayers):
         self.host_paths = {kind: (host_paths or {}).get(kind, _DIT_HOST_PATH[kind]) for kind in self.depths}
         self.diffusers_paths = {kind: (diffusers_paths or {}).get(kind, _DIT_DIFFUSERS_PATH[kind])
                                 for kind in self.depths}
-        attention = {kind: (diffusers_attention or {}).get(kind, "attn") for kind in self.depths}
+        attention = {kind: (diffusers_attention or {}).get(kind, _DIT_DIFFUSERS_ATTENTION.get(kind, "attn"))
+                     for kind in self.depths}
         self.sites: list[DiTBlock] = [
             DiTBlock(kind, i, self.host_paths[kind], self.diffusers_paths[kind], attention[kind])
             for kind, n in self.depths.items() for i in range(n)

@@ -30,8 +30,14 @@ COPY_LABELS_KEY = "attention_guidance_copy_labels"
 
 
 def is_main_cond_call(conds, model_options) -> bool:
-    """The sampler's cond/uncond evaluation (``[cond, uncond or None, ...]``), not an extra pass."""
-    if model_options.get("transformer_options", {}).get(GUIDANCE_OPTIONS, {}).get("extra_pass"):
+    """The sampler's cond/uncond evaluation (``[cond, uncond or None, ...]``), not an extra pass, nor one
+    window of the host's context windows (which evaluate each window of frames through this call and blend
+    only the lists they were given, comfy/context_windows.py, 0.3.75): the guidance then runs its own pass
+    over the whole latent, which the context windows split the same way."""
+    transformer_options = model_options.get("transformer_options", {})
+    if transformer_options.get(GUIDANCE_OPTIONS, {}).get("extra_pass"):
+        return False
+    if transformer_options.get("context_window") is not None:
         return False
     return len(conds) >= 2 and conds[0] is not None
 

@@ -27,6 +27,15 @@ Where a call comes from:
   main ``layers`` (text padded, then the image's tokens, then their padding); HiDream over
   ``cat(image, text)`` in its double- and single-stream blocks (its text: T5, Llama's last layer and the
   Llama layer of that block).
+- Video DiTs (Wan 2.x: comfy/ldm/wan/model.py, LTX-Video: comfy/ldm/lightricks/model.py; architecture
+  "video"): 0.3.75 sets no block index in either. Each block runs a video-only self-attention over the
+  space-time tokens, then a cross-attention to the text (Wan I2V: to the CLIP image embeddings, then the
+  text), all with the same options. A block replacement on each chosen block marks it with its token count
+  (``args["img"]``); the first call of the block whose queries and keys both have that many tokens is the
+  self-attention, every later call goes to the previous override untouched.
+- HunyuanVideo (comfy/ldm/hunyuan_video/model.py; architecture "hunyuan_video") runs Flux's double and
+  single stream blocks with the same block_type / block_index and block replacements, but attends over
+  ``cat(image, text)``: text after the image (``flipped_img_txt``), and reference-latent tokens before it.
 
 Token counts are always measured, never guessed: MMDiT's from the block inputs; Flux's text length from
 the text stream entering its first double block (a block replacement there writes it into the forward's
@@ -41,6 +50,7 @@ call names its block and text length, the token order, the token grid, and what 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import comfy.patcher_extension
@@ -58,6 +68,11 @@ TEXT_TOKENS = "dit_text_tokens"  # Flux: text tokens of this forward
 LATENT_HW = "dit_latent_hw"  # (H, W) of the latent this forward runs on
 MARKED_BLOCK = "dit_block"  # NextDiT, HiDream: the chosen block running now (a DiTBlock), set by our object patch
 IMAGE_STREAM = "dit_image_stream"  # NextDiT, HiDream: image-stream tokens of this forward (NextDiT: with padding)
+LATENT_FRAMES = "dit_latent_frames"  # T of a [B, C, T, H, W] latent this forward runs on
+VIDEO_BLOCK = "dit_video_block"  # the video DiT block running now (a VideoBlockMark), set by our block replacement
+
+# architectures whose token grid is (frames, h, w)
+VIDEO_ARCHITECTURES = ("video", "hunyuan_video")
 
 # The host attention functions' parameters (attention_pytorch and the others, 0.3.75), positional order.
 _PARAMETERS = ("q", "k", "v", "heads", "mask", "attn_precision", "skip_reshape", "skip_output_reshape")
@@ -68,6 +83,16 @@ class MMDiTBlockMark:
     block: DiTBlock
     text_tokens: int
     image_tokens: int
+
+
+class VideoBlockMark:
+    """A video DiT block running now: its space-time token count, and whether its self-attention (the
+    block's first attention call) has run yet."""
+
+    def __init__(self, block: DiTBlock, tokens: int):
+        self.block = block
+        self.tokens = tokens
+        self.self_attention_done = False
 
 
 def _run_attention(func, *args, **kwargs):
@@ -90,6 +115,13 @@ def _padded_grid(patch_size: int, latent_hw) -> tuple[int, int]:
 def token_grid(architecture: str, patch_size: int, latent_hw) -> tuple[int, int]:
     """The image token grid the model makes of an ``(H, W)`` latent (each pads to its patch size)."""
     return ARCHITECTURES[architecture].token_grid(patch_size, latent_hw)
+
+
+def video_token_grid(patch_size, latent_size) -> tuple[int, ...]:
+    """The space-time token grid a video DiT makes of a ``(T, H, W)`` latent (or ``(H, W)`` for a 2-D patch):
+    each axis padded to its patch size (Wan: ``pad_to_patch_size``; HunyuanVideo and LTX-Video patch 1 in time)."""
+    sizes = tuple(latent_size)[-len(patch_size):]
+    return tuple(-(-size // patch) for size, patch in zip(sizes, patch_size))
 
 
 class DiTAttention:
@@ -149,6 +181,10 @@ class DiTAttention:
         return self.q.shape[2] if self._values.get("skip_reshape") else self.q.shape[1]
 
     @property
+    def key_length(self) -> int:
+        return self.k.shape[2] if self._values.get("skip_reshape") else self.k.shape[1]
+
+    @property
     def text_tokens(self) -> int:
         if self._text_tokens is None:
             raise RuntimeError(
@@ -160,25 +196,42 @@ class DiTAttention:
         return self._text_tokens
 
     def image_tokens_of_grid(self) -> slice:
-        """Where the generated image's ``h * w`` grid tokens are in the sequence: the first of the image stream
-        (after the text, or at the start where ``image_first``)."""
+        """Where the generated image's grid tokens are in the sequence: right after the text (SD3, Flux, NextDiT,
+        whose reference latents follow the image), at the end of the image part where the image comes first
+        (HiDream; HunyuanVideo, whose reference latents come before the image), or all of a video block's
+        tokens."""
         grid = self.image_grid()
-        start = 0 if self.image_first else self.text_tokens
-        return slice(start, start + grid[0] * grid[1])
+        count = math.prod(grid)
+        if self.image_first:
+            image_tokens = self.length - self.text_tokens
+            return slice(image_tokens - count, image_tokens)
+        if self.architecture == "video" and count != self.length:
+            raise RuntimeError(
+                f"Self-Attention Guidance: {self.block.index_name} attends over {self.length} tokens, not the "
+                f"{'x'.join(map(str, grid))} video tokens of the latent: the model adds reference or context "
+                "latents to the sequence, and SAG cannot tell the video's own tokens apart there. Use PAG, or "
+                "run without those latents."
+            )
+        return slice(self.text_tokens, self.text_tokens + count)
 
-    def image_grid(self) -> tuple[int, int]:
-        """``(h, w)`` token grid of the generated image: its tokens are the first ``h * w`` of the image stream."""
+    def image_grid(self) -> tuple[int, ...]:
+        """``(h, w)`` token grid of the generated image, ``(frames, h, w)`` on a video DiT (see
+        ``image_tokens_of_grid``)."""
         latent_hw = guidance_options(self.options).get(LATENT_HW)
         if latent_hw is None:
             raise RuntimeError(f"Attention guidance: the latent size of this forward is unknown at {self.block.index_name}.")
-        grid = token_grid(self.architecture, self.patch_size, latent_hw)
+        if self.architecture in VIDEO_ARCHITECTURES:
+            frames = guidance_options(self.options).get(LATENT_FRAMES)
+            grid = video_token_grid(self.patch_size, latent_hw if frames is None else (frames, *latent_hw))
+        else:
+            grid = token_grid(self.architecture, self.patch_size, latent_hw)
         image_tokens = self.length - self.text_tokens
-        if grid[0] * grid[1] > image_tokens:
+        if math.prod(grid) > image_tokens:
             raise RuntimeError(
                 f"Attention guidance: {self.block.index_name} has {image_tokens} image tokens, fewer than the "
-                f"{grid[0]}x{grid[1]} grid of the {tuple(latent_hw)} latent."
+                f"{'x'.join(map(str, grid))} grid of the {tuple(latent_hw)} latent."
             )
-        if self.image_first and image_tokens != grid[0] * grid[1]:
+        if self.architecture == "hidream" and image_tokens != math.prod(grid):
             # HiDream E1 puts its edit image beside the generated one (the latent concatenated along the width,
             # comfy/ldm/hidream/model.py), so the generated image's tokens are not one block of the sequence
             raise RuntimeError(
@@ -259,6 +312,12 @@ def _locate_flux(options: dict):
     return DiTBlock(kind, options.get("block_index")), guidance_options(options).get(TEXT_TOKENS), None
 
 
+def _locate_video(options: dict):
+    """Wan, LTX-Video: the block our block replacement marked; no text in its self-attention."""
+    mark = guidance_options(options).get(VIDEO_BLOCK)
+    return (mark.block, 0, mark) if mark is not None else (None, None, None)
+
+
 def _locate_marked(options: dict):
     """NextDiT, HiDream: the block our object patch named; the text is the sequence less the image stream,
     given as a negative count ``-image stream``."""
@@ -335,6 +394,16 @@ def _mark_mmdit_block(block: DiTBlock):
     return run
 
 
+def _mark_video_block(block: DiTBlock):
+    def run(args, extra, previous_block):
+        options = args["transformer_options"]
+        mark = VideoBlockMark(block, args["img"].shape[1])
+        marked = {**options, GUIDANCE_OPTIONS: {**options.get(GUIDANCE_OPTIONS, {}), VIDEO_BLOCK: mark}}
+        return previous_block(dict(args, transformer_options=marked), extra)
+
+    return run
+
+
 def _stamp_flux_text_tokens(args, extra, previous_block):
     options = args["transformer_options"]
     # in place: Flux hands this same dict to every later block (as it does with block_index)
@@ -349,6 +418,12 @@ def _install_mmdit(model, layout: DiTLayout, blocks: list[DiTBlock]) -> None:
 
 def _install_flux(model, layout: DiTLayout, blocks: list[DiTBlock]) -> None:
     _replace_block(model, "double_block", 0, _stamp_flux_text_tokens)
+
+
+def _install_video(model, layout: DiTLayout, blocks: list[DiTBlock]) -> None:
+    # Wan and LTX-Video offer their blocks as ("double_block", i) replacements
+    for block in blocks:
+        _replace_block(model, "double_block", block.index, _mark_video_block(block))
 
 
 def _install_marks(measured_at: str, argument: str):
@@ -387,12 +462,25 @@ ARCHITECTURES: dict[str, DiTArchitecture] = {
     # HiDream's first double-stream block takes the image stream alone (image_tokens)
     "hidream": DiTArchitecture(_locate_marked, _install_marks("double_stream_blocks.0", "image_tokens"),
                                image_first=True),
+    # video architectures: the token grid is (frames, h, w) (DiTAttention.image_grid)
+    "video": DiTArchitecture(_locate_video, _install_video),
+    # HunyuanVideo marks and replaces its blocks as Flux does, and attends over cat(image, text)
+    "hunyuan_video": DiTArchitecture(_locate_flux, _install_flux, image_first=True),
 }
 
 
 def _stamp_latent_size(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
-    ours = {**transformer_options.get(GUIDANCE_OPTIONS, {}), LATENT_HW: tuple(x.shape[-2:])}
+    ours = {**transformer_options.get(GUIDANCE_OPTIONS, {}), LATENT_HW: tuple(x.shape[-2:]),
+            LATENT_FRAMES: x.shape[2] if x.ndim == 5 else None}
     return executor(x, t, c_concat, c_crossattn, control, {**transformer_options, GUIDANCE_OPTIONS: ours}, **kwargs)
+
+
+def _patch_size(diffusion_model):
+    """The model's patch size: an int (SD3, Flux, Chroma, Qwen-Image) or one per latent axis (video DiTs)."""
+    size = getattr(diffusion_model, "patch_size", None)
+    if size is None and hasattr(diffusion_model, "patchifier"):  # LTX-Video patchifies in its patchifier
+        size = diffusion_model.patchifier.patch_size
+    return tuple(int(p) for p in size) if isinstance(size, (tuple, list)) else int(size)
 
 
 def install_dit_handler(model, layout: DiTLayout, blocks: list[DiTBlock], handler: Handler) -> None:
@@ -400,7 +488,7 @@ def install_dit_handler(model, layout: DiTLayout, blocks: list[DiTBlock], handle
     call's output and must use ``call.run()`` (or ``call.split``) for every row it does not compute itself."""
     architecture = layout.architecture
     reach = ARCHITECTURES[architecture]
-    patch_size = int(model.get_model_object("diffusion_model").patch_size)
+    patch_size = _patch_size(model.get_model_object("diffusion_model"))
     chosen = frozenset(blocks)
     transformer_options = model.model_options.setdefault("transformer_options", {})
     previous = transformer_options.get(OVERRIDE, _run_attention)
@@ -415,6 +503,13 @@ def install_dit_handler(model, layout: DiTLayout, blocks: list[DiTBlock], handle
         if text_tokens is not None and text_tokens < 0:  # the call's length less the image stream
             call = DiTAttention(previous, func, values, len(args), block, architecture, patch_size,
                                 call.length + text_tokens, True, reach.image_first)
+        if isinstance(mark, VideoBlockMark):
+            # the block's first call with as many queries and keys as video tokens is its self-attention;
+            # the cross-attention to the text (and to Wan I2V's image embeddings) that follows is left alone
+            if mark.self_attention_done or call.length != mark.tokens or call.key_length != mark.tokens:
+                return previous(func, *args, **kwargs)
+            mark.self_attention_done = True
+            return handler(call)
         if mark is not None and call.length != mark.text_tokens + mark.image_tokens:
             if call.length != mark.image_tokens:
                 return previous(func, *args, **kwargs)  # not one of the block's self-attentions

@@ -7,9 +7,7 @@ from typing import Callable
 import torch
 
 from ..guidance_core.rows import chunk_rows
-from ..pag_core import (
-    image_first_to_text_first, joint_identity_attention, mask_image_first_to_text_first, text_first_to_image_first,
-)
+from ..pag_core import joint_identity_attention, joint_identity_attention_text_last
 from ..sag_core import key_attention_mass
 from ..seg_core import blur_queries
 from .attention_sites import guidance_options
@@ -33,16 +31,9 @@ def perturbed_copy_handler(instance: str, perturbing: Callable[[], None], pertur
 
 def joint_identity(part: DiTAttention) -> torch.Tensor:
     """PAG: diffusers' SD3 PAG attention (each image token attends to itself and the text, text tokens to
-    everything; ``joint_identity_attention``), with an image-first sequence (HiDream) put text-first for it."""
-    q, k, v, mask = part.q_heads(), part.k_heads(), part.v_heads(), part.mask
-    if part.image_first:
-        image = part.length - part.text_tokens
-        q, k, v = (image_first_to_text_first(t, image) for t in (q, k, v))
-        mask = mask_image_first_to_text_first(mask, image)
-    out = joint_identity_attention(q, k, v, part.text_tokens, mask)
-    if part.image_first:
-        out = text_first_to_image_first(out, part.length - part.text_tokens)
-    return part.from_heads(out)
+    everything; ``joint_identity_attention``), also where the image comes before the text (HiDream, HunyuanVideo)."""
+    attention = joint_identity_attention_text_last if part.image_first else joint_identity_attention
+    return part.from_heads(attention(part.q_heads(), part.k_heads(), part.v_heads(), part.text_tokens, part.mask))
 
 
 def smoothed_queries(blur_sigma: float):
@@ -70,7 +61,8 @@ def _flat(t):
 def key_mass_recorder(instance: str, record_option: str, records: dict, make_record):
     """SAG: the call's output untouched, plus, for the rows of the chunks tagged ``record_option`` for
     ``instance``, the attention mass each image token receives from the image tokens, stored as
-    ``records[entry uuid] = make_record(mass [B, h * w], (h, w))``.
+    ``records[entry uuid] = make_record(mass [B, h * w], (h, w))`` (on a video DiT ``[B, t * h * w]`` on
+    ``(t, h, w)``: every space-time token of the video, the map over the whole video's self-attention).
 
     Text tokens are left out: the mass is that of the joint attention probabilities of image queries
     over image keys, renormalised per query (the same as a softmax over the image keys alone), so it
@@ -87,7 +79,7 @@ def key_mass_recorder(instance: str, record_option: str, records: dict, make_rec
         if ref_id is None or not positions or not call.joint:
             return out
         grid = call.image_grid()
-        image = slice(call.text_tokens, call.text_tokens + grid[0] * grid[1])
+        image = call.image_tokens_of_grid()
         rows = chunk_rows(chunks, positions, call.q.shape[0], call.q.device)
         q, k = call.q_heads()[rows][:, :, image], call.k_heads()[rows][:, :, image]
         with torch.profiler.record_function("attention_guidance.sag_key_mass"):

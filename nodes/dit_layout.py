@@ -1,15 +1,19 @@
 """Which model family a node was given: the attention layout of every family the pack patches (UNets,
-SD3's MMDiT, Flux, Chroma, Qwen-Image, Z-Image / Lumina 2 and HiDream) with each family's default layers,
-and a refusal naming the family and what is supported for every other one."""
+SD3's MMDiT, Flux, Chroma, Qwen-Image, Z-Image / Lumina 2, HiDream and the video DiTs Wan 2.x, HunyuanVideo and
+LTX-Video) with each family's default layers, and a refusal naming the family and what is supported for every
+other one."""
 from __future__ import annotations
 
 from comfy.ldm.chroma.model import Chroma
 from comfy.ldm.flux.model import Flux
 from comfy.ldm.hidream.model import HiDreamImageTransformer2DModel
+from comfy.ldm.hunyuan_video.model import HunyuanVideo
+from comfy.ldm.lightricks import model as ltxv_model
 from comfy.ldm.lumina.model import NextDiT
 from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
+from comfy.ldm.wan import model as wan_model
 
 from ..guidance_core.layer_spec import AttentionLayout, DiTLayout, scaled_block_range
 from .unet_layout import UnsupportedModelError, model_family, unet_attention_layout
@@ -17,8 +21,48 @@ from .unet_layout import UnsupportedModelError, model_family, unet_attention_lay
 SUPPORTED_FAMILIES = (
     "SD1.x, SD2.x and SDXL-style UNets; SD3 / SD3.5 (MMDiT); Flux.1 dev / schnell / Kontext / Fill and "
     "Flux.2 (Flux); Chroma and Chroma Radiance; Qwen-Image and Qwen-Image-Edit; Z-Image (Turbo, base) and "
-    "Lumina 2 (NextDiT); HiDream"
+    "Lumina 2 (NextDiT); HiDream; Wan 2.1 / 2.2 (T2V, I2V, TI2V 5B); HunyuanVideo; LTX-Video"
 )
+
+# Default blocks of the video families, with where each comes from. No one has published PAG or SAG settings
+# for these models; the blocks are those of their published attention-skip guidance.
+_WAN_DEFAULTS = {"pag": "block.10", "sag": "block.10"}
+_WAN_SOURCES = {
+    "pag": "the skip-layer guidance block of kijai's Wan nodes (WanVideoSLG, SkipLayerGuidanceWanVideo: "
+           "blocks '10'); no published PAG / STG setting for Wan",
+    "sag": "no published SAG setting for Wan; the PAG default block",
+}
+_HUNYUAN_VIDEO_DEFAULTS = {"pag": "double.2", "sag": "double.2"}
+_HUNYUAN_VIDEO_SOURCES = {
+    "pag": "STG's HunyuanVideo command (junhahyung/STGuidance README: --stg-block-idx 2, STG-R, scale 2.0)",
+    "sag": "no published SAG setting for HunyuanVideo; the PAG default block",
+}
+_LTXV_DEFAULTS = {"pag": "block.19", "sag": "block.19"}
+_LTXV_SOURCES = {
+    "pag": "STG's LTX-Video command (junhahyung/STGuidance README: --stg_block_idx 19, stg-a, scale 1.0)",
+    "sag": "no published SAG setting for LTX-Video; the PAG default block",
+}
+
+
+def video_attention_layout(diffusion_model, family: str) -> DiTLayout | None:
+    """The blocks of a video DiT the host runs (Wan 2.x, HunyuanVideo, LTX-Video), or None if it is not one."""
+    # Wan 2.1 / 2.2 (T2V, I2V, FLF, Fun, VACE, camera, TI2V 5B, HuMo): WanModel and its subclasses hand their
+    # blocks to ("double_block", i) replacements with the forward's transformer_options; S2V's replacement
+    # gets no transformer_options (0.3.75), so the nodes cannot reach its attention
+    s2v = getattr(wan_model, "WanModel_S2V", ())
+    if isinstance(diffusion_model, wan_model.WanModel) and not isinstance(diffusion_model, s2v) \
+            and len(diffusion_model.blocks):
+        return DiTLayout(family, "video", {"block": len(diffusion_model.blocks)},
+                         defaults=_WAN_DEFAULTS, default_sources=_WAN_SOURCES)
+    if isinstance(diffusion_model, HunyuanVideo) and len(diffusion_model.double_blocks):
+        return DiTLayout(family, "hunyuan_video", {"double": len(diffusion_model.double_blocks),
+                                                   "single": len(diffusion_model.single_blocks)},
+                         defaults=_HUNYUAN_VIDEO_DEFAULTS, default_sources=_HUNYUAN_VIDEO_SOURCES)
+    if isinstance(diffusion_model, getattr(ltxv_model, "LTXVModel", ())) and len(diffusion_model.transformer_blocks):
+        return DiTLayout(family, "video", {"block": len(diffusion_model.transformer_blocks)},
+                         host_paths={"block": "transformer_blocks"}, diffusers_paths={"block": "transformer_blocks"},
+                         defaults=_LTXV_DEFAULTS, default_sources=_LTXV_SOURCES)
+    return None
 
 
 def _ranges(indices: list[int]) -> str:
@@ -119,7 +163,7 @@ def dit_attention_layout(model) -> DiTLayout | None:
                          host_paths=paths, diffusers_paths=paths,
                          diffusers_attention={"double": "block.attn1", "single": "block.attn1"},
                          defaults=defaults, default_sources=sources)
-    return None
+    return video_attention_layout(diffusion_model, family)
 
 
 def attention_layout(model, node_name: str) -> AttentionLayout | DiTLayout:

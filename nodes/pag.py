@@ -26,7 +26,8 @@ def layers_input() -> io.String.Input:
             "'up_blocks.0.attentions.1' (diffusers), 'm0', 'u0.4', 'd2.2-9' (paper / "
             "sd-perturbed-attention index), 'middle.0' (host block). SD3: 'joint.13' or "
             "'transformer_blocks.13'; Flux, Chroma: 'double.7', 'single.20', 'single.0-9'; "
-            "Qwen-Image: 'double.30'; Z-Image, Lumina 2: 'layers.16'; HiDream: 'double.8'. A wrong "
+            "Qwen-Image: 'double.30'; Z-Image, Lumina 2: 'layers.16'; HiDream: 'double.8'; Wan: 'block.10' "
+            "or 'blocks.10'; HunyuanVideo: 'double.2'; LTX-Video: 'block.19' or 'transformer_blocks.19'. A wrong "
             "name lists the model's layers."
         ),
     )

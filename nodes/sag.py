@@ -9,7 +9,9 @@ One step, as the patch runs it inside the host's sampler:
    (the host's attention or another patch's), untouched. Every forward the host splits the batch
    into records its own entries, keyed by the entry's uuid, on the layer's real token grid
    (``activations_shape``). On a DiT (SD3, Flux, Chroma, Qwen-Image) the site is a transformer block
-   and the map is that of its image tokens (``dit_handlers.key_mass_recorder``).
+   and the map is that of its image tokens (``dit_handlers.key_mass_recorder``); on a video DiT (Wan,
+   HunyuanVideo, LTX-Video) that of every space-time token, on the (frames, h, w) token grid, and the
+   mask and blur act on each frame in space.
 2. The post-CFG function combines the recorded maps of the reference branch in latent space the
    way the host combines that branch's predictions (entry area and mult), thresholds it, blurs the
    reference x0 under the mask, re-noises it with the reference's own noise through the model's
@@ -61,7 +63,7 @@ def _model_guidance_options(model_options: dict) -> dict:
 
 def with_sag_mask_probe(model, keep):
     """A clone of a SAG-patched ModelPatcher whose SAG patches call ``keep(mask)`` (``[B, 1, H, W]``
-    latent mask, or None when nothing was recorded) instead of guiding; the model evaluation itself
+    latent mask, ``[B * T, 1, H, W]`` for a video's T frames, or None when nothing was recorded) instead of guiding; the model evaluation itself
     is unchanged. A function, not a container: the host copies lists and dicts in model_options."""
     probe = model.clone()
     transformer_options = probe.model_options.setdefault("transformer_options", {})
@@ -89,7 +91,7 @@ def select_sag_site(layout, layer: str):
 
 class KeyMassRecord:
     """Key attention mass of one cond entry's rows at the recorded site: ``mass`` is ``[B, h * w]`` on
-    the layer's ``grid`` ``(h, w)``."""
+    the layer's ``grid`` ``(h, w)``, or ``[B, t * h * w]`` on a video DiT's ``(t, h, w)``."""
 
     __slots__ = ("mass", "grid")
 
@@ -144,8 +146,8 @@ def reference_mass_map(records: dict, ref_conds: list, x: torch.Tensor, sigma: t
     gives its own map upsampled to the latent, diffusers' mask. Latent pixels no recorded entry
     covers get mass 0 (never blurred).
     """
-    batch, _, height, width = x.shape
-    total = torch.zeros(batch, 1, height, width, dtype=torch.float32, device=x.device)
+    batch = x.shape[0]
+    total = torch.zeros(batch, 1, *x.shape[2:], dtype=torch.float32, device=x.device)
     weight = torch.zeros_like(total)
     found = False
     for entry in ref_conds:
@@ -156,7 +158,12 @@ def reference_mass_map(records: dict, ref_conds: list, x: torch.Tensor, sigma: t
         if record is None or record.mass.shape[0] != batch:
             continue
         region = tuple(p.input_x.shape[2:])
-        mass_map = record.mass.reshape(batch, 1, *record.grid).to(device=x.device, dtype=torch.float32)
+        grid = tuple(record.grid)
+        if len(grid) == len(region) + 1 and grid[0] == 1:
+            grid = grid[1:]  # a video DiT's one-frame video, guided as an image
+        if len(grid) != len(region) or (len(grid) == 3 and grid[0] != region[0]):
+            continue  # recorded on a window of the frames (context windows), not on this latent
+        mass_map = record.mass.reshape(batch, 1, *grid).to(device=x.device, dtype=torch.float32)
         mass_map = F.interpolate(mass_map, size=region, mode="nearest")
         mult = p.mult[:, :1].to(device=x.device, dtype=torch.float32)
         total_region, weight_region = total, weight
@@ -176,6 +183,26 @@ def reference_mass_map(records: dict, ref_conds: list, x: torch.Tensor, sigma: t
 def sag_latent_mask(mass_map: torch.Tensor, threshold: float) -> torch.Tensor:
     """``[B, 1, H, W]`` float mask of the latent pixels whose key mass exceeds ``threshold``."""
     return sag_mask(mass_map.flatten(1), tuple(mass_map.shape[-2:]), threshold)
+
+
+def as_frames(latent: torch.Tensor) -> torch.Tensor:
+    """A ``[B, C, T, H, W]`` video as ``[B * T, C, H, W]`` frames (an image latent as it is): SAG's mask and
+    blur act on each frame in space."""
+    return latent if latent.ndim == 4 else latent.movedim(2, 1).flatten(0, 1)
+
+
+def from_frames(frames: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``as_frames`` undone: frames back in the shape of ``like``."""
+    if like.ndim == 4 or (like.ndim == 5 and like.shape[2] == 1):
+        return frames.reshape(like.shape)
+    batch, channels, length = like.shape[:3]
+    return frames.reshape(batch, length, channels, *like.shape[3:]).movedim(1, 2)
+
+
+def sag_latent(latent: torch.Tensor) -> torch.Tensor:
+    """The latent SAG maps and blurs: an image ``[B, C, H, W]`` (also the one frame of Qwen-Image's
+    ``[B, C, 1, H, W]``), or a video ``[B, C, T, H, W]`` as it is."""
+    return latent if latent.ndim == 5 and latent.shape[2] > 1 else single_frame(latent)
 
 
 def single_frame(latent: torch.Tensor) -> torch.Tensor:
@@ -236,7 +263,8 @@ class SelfAttentionGuidance(io.ComfyNode):
                     "default (UNets 'm0.0', the middle block's first transformer, diffusers' choice; SD3 'joint.13'; "
                     "Flux, Chroma 'double.8'; others in the node docs), logged at the first step. Or 'mid', 'd4', "
                     "'u0.1', 'up_blocks.0.attentions.1', 'middle.0'; SD3: 'joint.13'; Flux, Chroma: 'double.7', "
-                    "'single.20'; Qwen-Image: 'double.30'; Z-Image, Lumina 2: 'layers.16'; HiDream: 'double.8'. "
+                    "'single.20'; Qwen-Image: 'double.30'; Z-Image, Lumina 2: 'layers.16'; HiDream: 'double.8'; "
+                    "Wan: 'block.10'; HunyuanVideo: 'double.2'; LTX-Video: 'block.19'. "
                     "Same syntax as PAG's layers; a wrong name lists the model's layers.",
                 ),
                 io.Float.Input(
@@ -297,7 +325,7 @@ class SelfAttentionGuidance(io.ComfyNode):
 
         def reference_mask(args, ref_conds):
             x, sigma = args["input"], args["sigma"]
-            image = single_frame(x)
+            image = sag_latent(x)
             mass_map = reference_mass_map(records, ref_conds, image, sigma)
             if mass_map is None:
                 # The main call was not ours to tag (another guider's layout, context windows): record
@@ -308,7 +336,7 @@ class SelfAttentionGuidance(io.ComfyNode):
                 mass_map = reference_mass_map(records, ref_conds, image, sigma)
             if mass_map is None:
                 return None
-            return sag_latent_mask(mass_map, threshold)
+            return sag_latent_mask(as_frames(mass_map), threshold)
 
         def post_cfg_function(args):
             watch.post_cfg_ran()
@@ -339,7 +367,8 @@ class SelfAttentionGuidance(io.ComfyNode):
                 log_once_per_run(run, in_use)
                 x = args["input"]
                 with torch.profiler.record_function("attention_guidance.sag_blur"):
-                    degraded = blur_under_mask(single_frame(x0_ref), mask, kernel_size, blur_sigma).reshape(x0_ref.shape)
+                    frames = as_frames(sag_latent(x0_ref))
+                    degraded = from_frames(blur_under_mask(frames, mask, kernel_size, blur_sigma), x0_ref)
                     x_degraded = renoise(args["model"].model_sampling, args["sigma"], x, x0_ref, degraded)
                 options = with_guidance_options(args["model_options"], extra_pass=True)
                 with torch.profiler.record_function("attention_guidance.sag_degraded_pass"):

@@ -20,8 +20,9 @@ def sag_instances(model) -> list[str]:
 
 
 # Image pixels per latent pixel where it is not 8 (0.3.75's latent formats do not say; its VAEs do):
-# Flux.2's 128-channel latent is 1/16 of the image (EmptyFlux2LatentImage), Chroma Radiance is pixel space.
-_IMAGE_SCALE = {"Flux2": 16, "ChromaRadiance": 1}
+# Flux.2's 128-channel latent is 1/16 of the image (EmptyFlux2LatentImage), Chroma Radiance is pixel space,
+# the Wan 2.2 VAE's 48-channel latent is 1/16 (Wan22ImageToVideoLatent), LTX-Video's 1/32 (EmptyLTXVLatentVideo).
+_IMAGE_SCALE = {"Flux2": 16, "ChromaRadiance": 1, "Wan22": 16, "LTXV": 32}
 
 
 def image_pixels_per_latent_pixel(latent_format) -> int:

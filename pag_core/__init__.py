@@ -1,17 +1,13 @@
 """Perturbed-Attention Guidance (Ahn et al., arXiv 2403.17377) in plain torch."""
 from .guidance import adaptive_pag_scale, identity_attention, pag_guided, rescale_guided, validate_pag_inputs
-from .joint_attention import (
-    image_first_to_text_first, joint_identity_attention, mask_image_first_to_text_first, text_first_to_image_first,
-)
+from .joint_attention import joint_identity_attention, joint_identity_attention_text_last
 
 __all__ = [
     "adaptive_pag_scale",
     "identity_attention",
-    "image_first_to_text_first",
     "joint_identity_attention",
-    "mask_image_first_to_text_first",
+    "joint_identity_attention_text_last",
     "pag_guided",
     "rescale_guided",
-    "text_first_to_image_first",
     "validate_pag_inputs",
 ]

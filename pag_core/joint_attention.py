@@ -81,7 +81,10 @@ def joint_identity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         q_image = q[:, :, start:stop].float()
         own = (q_image * k[:, :, start:stop].float()).sum(-1, keepdim=True) * scale
         to_text = torch.matmul(q_image, k_text.transpose(-1, -2)) * scale
-        if mask is not None:
+        if mask is not None and mask.shape[-2] == 1:  # one row for every query: a key mask (text padding)
+            own = own + mask[..., 0, start:stop].float().unsqueeze(-1)
+            to_text = to_text + mask[..., :text_tokens].float()
+        elif mask is not None:
             rows = mask[..., start:stop, :].float()
             own = own + torch.diagonal(rows[..., start:stop], dim1=-2, dim2=-1).unsqueeze(-1)
             to_text = to_text + rows[..., :text_tokens]
@@ -91,17 +94,18 @@ def joint_identity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return out
 
 
-
-def image_first_to_text_first(t: torch.Tensor, image_tokens: int) -> torch.Tensor:
-    """``[image, text]`` -> ``[text, image]`` along the token axis of ``[B, heads, L, D]``."""
-    return torch.roll(t, shifts=-image_tokens, dims=2)
-
-
-def text_first_to_image_first(t: torch.Tensor, image_tokens: int) -> torch.Tensor:
-    """The inverse of ``image_first_to_text_first``."""
-    return torch.roll(t, shifts=image_tokens, dims=2)
-
-
-def mask_image_first_to_text_first(mask, image_tokens: int):
-    """``image_first_to_text_first`` for an attention mask ``[..., L, L]`` (both token axes); None stays None."""
-    return None if mask is None else torch.roll(mask, shifts=(-image_tokens, -image_tokens), dims=(-2, -1))
+def joint_identity_attention_text_last(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_tokens: int,
+                                       mask=None) -> torch.Tensor:
+    """``joint_identity_attention`` for a sequence with the text after the image tokens (HunyuanVideo attends
+    over ``cat(image, text)``): the same rows, computed on the sequence rotated to text first and rotated back
+    (attention is permutation-equivariant, so no token's result depends on the order)."""
+    if not text_tokens:
+        return joint_identity_attention(q, k, v, 0, mask)
+    length = q.shape[2]
+    mask = additive_mask(mask, q)
+    if mask is not None:
+        for dim in (-1, -2):
+            if mask.shape[dim] == length:
+                mask = torch.roll(mask, text_tokens, dims=dim)
+    out = joint_identity_attention(*(torch.roll(t, text_tokens, dims=2) for t in (q, k, v)), text_tokens, mask)
+    return torch.roll(out, -text_tokens, dims=2)

@@ -29,7 +29,8 @@ from support.server import ComfyServerError
 from support.workflow_convert import (FRONTEND_ONLY_TYPES, WorkflowError, check_values, meaning_changes,
                                       ui_to_api, widget_layout)
 
-EXPECTED_EXAMPLES = EXECUTED_EXAMPLES | {"sdxl_pag_cfg", "sd3_pag_cfg", "flux_dev_pag", "sdxl_seg_pag", "z_image_turbo_pag"}
+EXPECTED_EXAMPLES = EXECUTED_EXAMPLES | {"sdxl_pag_cfg", "sd3_pag_cfg", "flux_dev_pag", "sdxl_seg_pag", "z_image_turbo_pag",
+                                         "wan21_t2v_pag"}
 NAMES = example_names()
 MODEL_LOADER_INPUTS = {"CheckpointLoaderSimple": ("ckpt_name",), "ControlNetLoader": ("control_net_name",),
                        "UNETLoader": ("unet_name",), "DualCLIPLoader": ("clip_name1", "clip_name2"),
@@ -40,6 +41,7 @@ MODEL_ARCHITECTURES = {
     "v1-5-pruned-emaonly.safetensors": "sd15", "sd-v1-5-inpainting.ckpt": "sd15",
     "sd_xl_base_1.0.safetensors": "sdxl", "sd3_medium_incl_clips.safetensors": "sd3_medium",
     "flux1-dev.safetensors": "flux_dev", "z_image_turbo_bf16.safetensors": "z_image",
+    "wan2.1_t2v_1.3B_fp16.safetensors": "wan21_t2v_1.3b",
 }
 MODEL_OUTPUT_LOADERS = {"CheckpointLoaderSimple": "ckpt_name", "UNETLoader": "unet_name"}
 SEMVER = re.compile(r"^\d+\.\d+\.\d+$")

@@ -61,6 +61,9 @@ FLUX_T5 = "t5xxl_fp16.safetensors"
 FLUX_VAE = "ae.safetensors"
 Z_IMAGE_TURBO = "z_image_turbo_bf16.safetensors"
 Z_IMAGE_TEXT = "qwen_3_4b.safetensors"
+WAN21_T2V_1_3B = "wan2.1_t2v_1.3B_fp16.safetensors"
+WAN_UMT5 = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+WAN21_VAE = "wan_2.1_vae.safetensors"
 NEGATIVE = "blurry, low quality, deformed, watermark, text"
 
 
@@ -415,6 +418,49 @@ def workflows() -> list[Workflow]:
                 Node("mask_image", "PreviewImage", (900, 640), {}, {"images": ("preview_mask", 1)},
                      title="SAG mask", size=(380, 400)),
                 *decode_and_save("sd15_sag_mask_preview", x=1340),
+            ],
+        ),
+        Workflow(
+            "wan21_t2v_pag", "Wan 2.1 T2V 1.3B + PAG (video)",
+            "Perturbed-Attention Guidance on a video model, Wan 2.1 text-to-video 1.3B, added to CFG.\n\n"
+            "In the chosen block the perturbed copy's self-attention is the identity: every space-time token "
+            "of every frame attends only to itself (the attention form of Spatiotemporal Skip Guidance, STG); "
+            "the block's cross-attention to the prompt is untouched. ComfyUI's Skip Layer Guidance skips the "
+            "whole block instead. The copy is batched with the positive and negative predictions where memory "
+            "allows.\n\n"
+            "Settings: there are no published PAG settings for Wan. Block 10 (block.10, diffusers' blocks.10) "
+            "is the block kijai's Wan skip-layer guidance uses by default; STG recommends scales up to 2 on "
+            "video, here 1.5. The rest is ComfyUI's Wan 2.1 example: 832x480, 33 frames, shift 8, CFG 6, "
+            "30 steps of uni_pc / simple, saved at 16 fps.\n\n"
+            f"{COMPARE}\n\nModels: {WAN21_T2V_1_3B} in models/diffusion_models, {WAN_UMT5} in "
+            f"models/text_encoders, {WAN21_VAE} in models/vae.",
+            [
+                note(size=(400, 420)),
+                Node("unet", "UNETLoader", (20, 480), {"unet_name": WAN21_T2V_1_3B, "weight_dtype": "default"},
+                     size=(380, 90)),
+                Node("clip", "CLIPLoader", (20, 610), {"clip_name": WAN_UMT5, "type": "wan"}, size=(380, 110)),
+                Node("vae", "VAELoader", (20, 760), {"vae_name": WAN21_VAE}, size=(380, 60)),
+                Node("shift", "ModelSamplingSD3", (460, 20), {"shift": 8.0}, {"model": ("unet", 0)}),
+                pag(pos=(460, 120), model=("shift", 0), scale=1.5, layers="block.10", adaptive_scale=0.0,
+                    start_percent=0.0, end_percent=1.0, rescale=0.0),
+                Node("positive", "CLIPTextEncode", (460, 380),
+                     {"text": "a red fox trotting through fresh snow in a birch forest, morning light, the camera "
+                              "tracking beside it"},
+                     {"clip": ("clip", 0)}, title="Positive prompt", size=(400, 170)),
+                Node("negative", "CLIPTextEncode", (460, 600), {"text": NEGATIVE + ", static, still frame"},
+                     {"clip": ("clip", 0)}, title="Negative prompt", size=(400, 130)),
+                Node("latent", "EmptyHunyuanLatentVideo", (460, 780),
+                     {"width": 832, "height": 480, "length": 33, "batch_size": 1}),
+                Node("sampler", "KSampler", (900, 20),
+                     {"seed": 42, "control_after_generate": "fixed", "steps": 30, "cfg": 6.0,
+                      "sampler_name": "uni_pc", "scheduler": "simple", "denoise": 1.0},
+                     {"model": ("pag", 0), "positive": ("positive", 0), "negative": ("negative", 0),
+                      "latent_image": ("latent", 0)}),
+                Node("decode", "VAEDecode", (1240, 20), {}, {"samples": ("sampler", 0), "vae": ("vae", 0)}),
+                Node("save", "SaveAnimatedWEBP", (1240, 130),
+                     {"filename_prefix": "wan21_t2v_pag", "fps": 16.0, "lossless": False, "quality": 90,
+                      "method": "default"},
+                     {"images": ("decode", 0)}, size=(420, 470)),
             ],
         ),
     ]

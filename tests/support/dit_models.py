@@ -57,7 +57,10 @@ from attention_guidance.nodes.attention_sites import chunk_ids
 from .models import initialise_weights
 
 DIT_FAMILIES = ("sd3", "sd35", "flux", "flux2", "chroma", "chroma_radiance", "qwen_image", "lumina2", "z_image",
-                "hidream")
+                "hidream", "wan21", "wan21_i2v", "wan22_ti2v", "hunyuan_video", "ltxv")
+# families whose latents are videos, [B, C, T, H, W]; their test latents have VIDEO_FRAMES frames
+VIDEO_FAMILIES = ("wan21", "wan21_i2v", "wan22_ti2v", "hunyuan_video", "ltxv")
+VIDEO_FRAMES = 3
 
 CONTEXT_DIM = 48  # text encoder width fed to the model (T5/CLIP features in the real ones)
 POOLED_DIM = 32  # pooled text vector (CLIP-L + CLIP-G for SD3, CLIP-L for Flux)
@@ -209,6 +212,30 @@ DIT_CONFIGS["hidream"] = {
     "max_resolution": [32, 32],
     "llama_layers": [0, 1, 2, 3, 3],
 }
+# Video DiTs (comfy.supported_models / comfy.model_base, 0.3.75), 3 blocks of 2 heads of 32 channels each:
+_WAN21 = {
+    # Wan 2.1 T2V: a video-only self-attention and a cross-attention to the text in every block
+    "image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "text_len": 512, "in_dim": 16,
+    "dim": 64, "ffn_dim": 128, "freq_dim": 256, "text_dim": CONTEXT_DIM, "out_dim": 16, "num_heads": 2,
+    "num_layers": 3, "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6,
+}
+DIT_CONFIGS["wan21"] = _WAN21
+# Wan 2.1 I2V: 16 noise + 4 mask + 16 image channels in, and a cross-attention to CLIP image embeddings
+DIT_CONFIGS["wan21_i2v"] = {**_WAN21, "model_type": "i2v", "in_dim": 36}
+# Wan 2.2 TI2V 5B: the Wan 2.2 VAE's 48-channel latent, a timestep per token where a start image is given
+DIT_CONFIGS["wan22_ti2v"] = {**_WAN21, "in_dim": 48, "out_dim": 48}
+DIT_CONFIGS["hunyuan_video"] = {
+    # Flux's double and single stream blocks over cat(image, text), 3-D patches
+    "image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "vec_in_dim": POOLED_DIM,
+    "context_in_dim": CONTEXT_DIM, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2,
+    "depth_single_blocks": 3, "axes_dim": [8, 12, 12], "theta": 256, "patch_size": [1, 2, 2], "qkv_bias": True,
+    "guidance_embed": True, "byt5": False, "meanflow": False, "use_cond_type_embedding": False, "vision_in_dim": None,
+}
+DIT_CONFIGS["ltxv"] = {
+    # LTX-Video: self-attention attn1 over the video tokens (patch 1) and cross-attention attn2 to the text
+    "image_model": "ltxv", "in_channels": 128, "cross_attention_dim": 64, "attention_head_dim": 32,
+    "num_attention_heads": 2, "caption_channels": CONTEXT_DIM, "num_layers": 3,
+}
 _MODEL_CLASSES = {
     "sd3": (comfy.supported_models.SD3, comfy.model_base.SD3),
     "sd35": (comfy.supported_models.SD3, comfy.model_base.SD3),
@@ -220,6 +247,13 @@ _MODEL_CLASSES = {
     "lumina2": (comfy.supported_models.Lumina2, comfy.model_base.Lumina2),
     "z_image": (comfy.supported_models.ZImage, comfy.model_base.Lumina2),
     "hidream": (comfy.supported_models.HiDream, comfy.model_base.HiDream),
+    "wan21": (comfy.supported_models.WAN21_T2V, comfy.model_base.WAN21),
+    "wan21_i2v": (comfy.supported_models.WAN21_I2V, lambda config, device: comfy.model_base.WAN21(
+        config, image_to_video=True, device=device)),
+    "wan22_ti2v": (comfy.supported_models.WAN22_T2V, lambda config, device: comfy.model_base.WAN22(
+        config, image_to_video=True, device=device)),
+    "hunyuan_video": (comfy.supported_models.HunyuanVideo, comfy.model_base.HunyuanVideo),
+    "ltxv": (comfy.supported_models.LTXV, comfy.model_base.LTXV),
 }
 
 
@@ -261,7 +295,8 @@ def make_dit_conditioning(family: str, batch: int = 1, seed: int = 0, tokens: in
 
     ``[[cross_attn (batch, tokens, CONTEXT_DIM), {"pooled_output": (batch, POOLED_DIM)}]]``; Flux's
     also carries the FluxGuidance node's ``guidance``, HiDream's its Llama layers' tokens
-    (``conditioning_llama3``, ``(batch, LLAMA_LAYERS, tokens, CONTEXT_DIM)``).
+    (``conditioning_llama3``, ``(batch, LLAMA_LAYERS, tokens, CONTEXT_DIM)``), LTX-Video's its text
+    encoder's ``attention_mask``.
     """
     _check_family(family)
     generator = torch.Generator().manual_seed(seed)
@@ -272,6 +307,8 @@ def make_dit_conditioning(family: str, batch: int = 1, seed: int = 0, tokens: in
             extras["guidance"] = 3.5
         if family == "hidream":
             extras["conditioning_llama3"] = torch.randn(batch, LLAMA_LAYERS, tokens, CONTEXT_DIM, generator=generator)
+        if family == "ltxv":  # the LTX-Video text encoder's padding mask: the last two tokens are padding
+            extras["attention_mask"] = torch.tensor([[1] * (tokens - 2) + [0] * 2] * batch)
         return [[torch.randn(batch, tokens, CONTEXT_DIM, generator=generator), extras]]
 
     positive = encode()
@@ -286,11 +323,13 @@ PIXELS_PER_LATENT = {"chroma_radiance": 8}
 
 def model_latent_shape(patcher, shape, pixels=None) -> tuple:
     """``shape`` (batch, channels, latent height, width) as the model takes it: its latent channels, a
-    time axis of one frame where its latents have one (Qwen-Image's Wan 2.1 latent, ``[B, C, 1, H, W]``),
+    time axis where its latents have one (one frame for Qwen-Image's Wan 2.1 latent, ``[B, C, 1, H, W]``,
+    ``VIDEO_FRAMES`` for the video families),
     and on a pixel-space model ``PIXELS_PER_LATENT`` times the size, or ``pixels`` (height, width)."""
     scale = PIXELS_PER_LATENT.get(getattr(patcher.model, "tiny_family", None), 1)
     size = pixels if pixels is not None and scale > 1 else tuple(side * scale for side in shape[2:])
-    time_axis = (1,) if getattr(patcher.model.latent_format, "latent_dimensions", 2) == 3 else ()
+    frames = VIDEO_FRAMES if getattr(patcher.model, "tiny_family", None) in VIDEO_FAMILIES else 1
+    time_axis = (frames,) if getattr(patcher.model.latent_format, "latent_dimensions", 2) == 3 else ()
     return (shape[0], patcher.model.latent_format.latent_channels, *time_axis, *size)
 
 

@@ -41,8 +41,13 @@ Z_IMAGE = dict(
     n_heads=30, n_kv_heads=30, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512], rope_theta=256.0,
     ffn_dim_multiplier=8.0 / 3.0, z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=32,
 )
+# Wan 2.1 T2V 1.3B: 30 blocks of width 1536, 12 heads (comfy.model_detection reads them from the weights).
+WAN21_T2V_1_3B = dict(
+    image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=1536, ffn_dim=8960,
+    freq_dim=256, text_dim=4096, out_dim=16, num_heads=12, num_layers=30, eps=1e-6,
+)
 
-ARCHITECTURES = ("sd15", "sdxl", "sd3_medium", "flux_dev", "z_image")
+ARCHITECTURES = ("sd15", "sdxl", "sd3_medium", "flux_dev", "z_image", "wan21_t2v_1.3b")
 
 
 def meta_model(architecture: str):
@@ -58,6 +63,8 @@ def meta_model(architecture: str):
         "sd3_medium": lambda: comfy.model_base.SD3(comfy.supported_models.SD3(dict(SD3_MEDIUM_MMDIT)), device="meta"),
         "flux_dev": lambda: comfy.model_base.Flux(comfy.supported_models.Flux(dict(FLUX_DEV)), device="meta"),
         "z_image": lambda: comfy.model_base.Lumina2(comfy.supported_models.ZImage(dict(Z_IMAGE)), device="meta"),
+        "wan21_t2v_1.3b": lambda: comfy.model_base.WAN21(comfy.supported_models.WAN21_T2V(dict(WAN21_T2V_1_3B)),
+                                                         device="meta"),
     }
     if architecture not in builders:
         raise ValueError(f"unknown architecture {architecture!r}; one of {', '.join(ARCHITECTURES)}")
