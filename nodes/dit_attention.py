@@ -42,7 +42,10 @@ MMDIT_BLOCK = "dit_mmdit_block"  # the MMDiT block running now (an MMDiTBlockMar
 TEXT_TOKENS = "dit_text_tokens"  # Flux: text tokens of this forward
 LATENT_HW = "dit_latent_hw"  # (H, W) of the latent this forward runs on
 
-# The host attention functions' parameters (attention_pytorch and the others, 0.3.75), positional order.
+# The host attention functions' parameters (attention_pytorch and the others, 0.3.75), positional order. Any
+# other keyword goes through to the previous override untouched; newer hosts add ``scale`` (the factor of QK^T)
+# and ``enable_gqa`` (fewer k/v heads than q heads), which our own computations honour, and
+# ``low_precision_attention`` (0.38.x).
 _PARAMETERS = ("q", "k", "v", "heads", "mask", "attn_precision", "skip_reshape", "skip_output_reshape")
 
 
@@ -111,6 +114,11 @@ class DiTAttention:
         return self._values.get("mask")
 
     @property
+    def scale(self) -> float | None:
+        """The factor of ``QK^T`` where the caller gives one (``scale``), else None: ``1 / sqrt(D)``."""
+        return self._values.get("scale")
+
+    @property
     def options(self) -> dict:
         """The call's transformer_options."""
         return self._values.get("transformer_options") or {}
@@ -147,20 +155,31 @@ class DiTAttention:
             )
         return grid
 
-    def to_heads(self, t: torch.Tensor) -> torch.Tensor:
+    def to_heads(self, t: torch.Tensor, heads: int | None = None) -> torch.Tensor:
         if self._values.get("skip_reshape"):
             return t
         # [B, L, heads * D]; MMDiT hands v over as [B, L, heads, D] (mmdit.py split_qkv)
-        return t.reshape(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
+        return t.reshape(t.shape[0], t.shape[1], heads or self.heads, -1).transpose(1, 2)
 
     def q_heads(self):
         return self.to_heads(self.q)
 
+    def _kv_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """``k`` or ``v`` as ``[B, heads, L, D]``. With ``enable_gqa`` a call may give fewer k/v heads, each
+        shared by ``heads / kv_heads`` consecutive query heads (torch's scaled_dot_product_attention)."""
+        if not self._values.get("enable_gqa"):
+            return self.to_heads(t)
+        kv_heads = self.k.shape[1] if self._values.get("skip_reshape") else self.k.shape[-1] // self.q_heads().shape[-1]
+        grouped = self.to_heads(t, kv_heads)
+        if self.heads % grouped.shape[1]:
+            raise RuntimeError(f"Attention guidance: {self.heads} query heads cannot share {grouped.shape[1]} k/v heads.")
+        return grouped.repeat_interleave(self.heads // grouped.shape[1], dim=1)
+
     def k_heads(self):
-        return self.to_heads(self.k)
+        return self._kv_heads(self.k)
 
     def v_heads(self):
-        return self.to_heads(self.v)
+        return self._kv_heads(self.v)
 
     def from_heads(self, out: torch.Tensor) -> torch.Tensor:
         """``[B, heads, L, D]`` in the layout the caller expects back."""

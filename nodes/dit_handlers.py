@@ -25,7 +25,8 @@ def perturbed_attention_handler(instance: str, perturbing: Callable[[], None]):
         perturbing()
 
         def perturbed(part: DiTAttention):
-            out = joint_identity_attention(part.q_heads(), part.k_heads(), part.v_heads(), part.text_tokens, part.mask)
+            out = joint_identity_attention(part.q_heads(), part.k_heads(), part.v_heads(), part.text_tokens, part.mask,
+                                           scale=part.scale)
             return part.from_heads(out)
 
         return call.split(lambda c: c == cond_id, perturbed, lambda part: part.run())
@@ -63,7 +64,7 @@ def key_mass_recorder(instance: str, record_option: str, records: dict, make_rec
         rows = chunk_rows(chunks, positions, call.q.shape[0], call.q.device)
         q, k = call.q_heads()[rows][:, :, image], call.k_heads()[rows][:, :, image]
         with torch.profiler.record_function("attention_guidance.sag_key_mass"):
-            mass = key_attention_mass(_flat(q), _flat(k), q.shape[1])
+            mass = key_attention_mass(_flat(q), _flat(k), q.shape[1], scale=call.scale)
         size = call.q.shape[0] // len(chunks)
         uuids = call.options.get("uuids") or [None] * len(chunks)
         for n, position in enumerate(positions):

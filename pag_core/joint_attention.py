@@ -45,7 +45,7 @@ def additive_mask(mask, like: torch.Tensor):
 
 
 def joint_identity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_tokens: int, mask=None,
-                             query_chunk: int | None = None) -> torch.Tensor:
+                             query_chunk: int | None = None, scale: float | None = None) -> torch.Tensor:
     """Joint attention of PAG's perturbed branch, as diffusers' SD3 PAG processors compute it.
 
     Args:
@@ -55,6 +55,7 @@ def joint_identity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         mask: the call's own attention mask, if any (see ``additive_mask``); it is added to the scores
             the perturbed rows keep.
         query_chunk: image queries per block; None picks one whose float32 scores fit ``DEFAULT_CHUNK_BYTES``.
+        scale: the factor of ``QK^T`` (the caller's own, where it gives one); None is ``1 / sqrt(D)``.
 
     Returns:
         ``[B, heads, L, Dv]`` in ``q``'s dtype.
@@ -62,12 +63,13 @@ def joint_identity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     batch, heads, length, dim = q.shape
     if not 0 <= text_tokens <= length:
         raise ValueError(f"text_tokens={text_tokens} must be between 0 and the sequence length {length}.")
-    scale = dim ** -0.5
+    scale = dim ** -0.5 if scale is None else scale
     mask = additive_mask(mask, q)
     out = torch.empty(batch, heads, length, v.shape[-1], dtype=q.dtype, device=q.device)
     if text_tokens:
         text_mask = None if mask is None else mask[..., :text_tokens, :].to(q.dtype)
-        out[:, :, :text_tokens] = F.scaled_dot_product_attention(q[:, :, :text_tokens], k, v, attn_mask=text_mask)
+        out[:, :, :text_tokens] = F.scaled_dot_product_attention(q[:, :, :text_tokens], k, v, attn_mask=text_mask,
+                                                                    scale=scale)
     if text_tokens == length:
         return out
 

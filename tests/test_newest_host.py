@@ -1,5 +1,8 @@
 """Behaviours of the newest ComfyUI (0.38.x, read from its sources; see docs/host-compat.md) reproduced on the
 host the tests run (0.3.75), each against the pack's nodes in the real host."""
+import comfy.ldm.flux.layers as flux_layers
+import comfy.ldm.flux.math as flux_math
+import comfy.ldm.modules.attention as attention_module
 import comfy.sample
 import comfy.samplers
 import comfy.utils
@@ -7,9 +10,10 @@ import nodes as host_nodes
 import pytest
 import torch
 
+from attention_guidance.nodes.pag import PerturbedAttentionGuidance
 from attention_guidance.nodes.sag import SelfAttentionGuidance, with_sag_mask_probe
 from attention_guidance.nodes.sag_preview import SAGMaskPreview
-from support.dit_models import build_dit, make_dit_conditioning
+from support.dit_models import build_dit, make_dit_conditioning, noisy_dit_latent
 from support.models import denoise_once
 
 _MODELS: dict = {}
@@ -19,6 +23,14 @@ def tiny(family):
     if family not in _MODELS:
         _MODELS[family] = build_dit(family, seed=0)
     return _MODELS[family]
+
+
+def pag(model, layers, scale=3.0):
+    return PerturbedAttentionGuidance.execute(model, scale, layers, 0.0, 0.0, 1.0, 0.0).result[0]
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def sag(model, layer, scale=0.75, threshold=1.0):
@@ -87,3 +99,85 @@ def test_preview_passes_no_hint_a_host_does_not_take():
     mask, _ = SAGMaskPreview.execute(sag(model, layer="single.1"), positive, negative, latent, 5, 10, 3, 4.0,
                                      "simple").result
     assert mask.shape == (1, 48, 64)
+
+
+# --- the attention override's newer keyword arguments -----------------------------------------------------
+
+OVERRIDE = "optimized_attention_override"
+
+
+def flux_call_site(scale=None, kv_groups=1, newest=True):
+    """comfy.ldm.flux.math.attention as a model of a newer host calls attention: with a ``scale`` of its own and
+    k / v with ``kv_groups`` times fewer heads, handed over as keywords (``scale``, ``enable_gqa``,
+    ``low_precision_attention``); with ``newest=False`` the same attention the 0.3.75 way (q multiplied by
+    ``scale * sqrt(D)``, k / v repeated to every head)."""
+
+    def attention(q, k, v, pe, mask=None, transformer_options={}):
+        q, k = flux_math.apply_rope(q, k, pe)
+        heads, dim = q.shape[1], q.shape[-1]
+        k, v = k[:, ::kv_groups], v[:, ::kv_groups]
+        if newest:
+            keywords = {"low_precision_attention": False}
+            if scale is not None:
+                keywords["scale"] = scale
+            if kv_groups > 1:
+                keywords["enable_gqa"] = True
+            return attention_module.optimized_attention(q, k, v, heads, skip_reshape=True, mask=mask,
+                                                        transformer_options=transformer_options, **keywords)
+        if scale is not None:
+            q = q * (scale * dim ** 0.5)
+        k, v = k.repeat_interleave(kv_groups, dim=1), v.repeat_interleave(kv_groups, dim=1)
+        return attention_module.optimized_attention(q, k, v, heads, skip_reshape=True, mask=mask,
+                                                    transformer_options=transformer_options)
+
+    return attention
+
+
+def under_newest_host_attention(model, keywords_seen):
+    """A clone of ``model`` whose attention honours ``scale`` and ``enable_gqa`` as 0.38.x's attention functions
+    do (an override under the node's: 0.3.75's attention functions ignore both); it records the keywords of
+    every call it gets."""
+
+    def host_attention(func, q, k, v, heads, *args, **kwargs):
+        keywords_seen.append(sorted(set(kwargs) - {"mask", "skip_reshape", "transformer_options", "_inside_attn_wrapper"}))
+        scale = kwargs.pop("scale", None)
+        if kwargs.pop("enable_gqa", False):
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        kwargs.pop("low_precision_attention", None)
+        if scale is not None:
+            q = q * (scale * q.shape[-1] ** 0.5)
+        return func(q, k, v, heads, *args, **kwargs)
+
+    clone = model.clone()
+    clone.model_options.setdefault("transformer_options", {})[OVERRIDE] = host_attention
+    return clone
+
+
+@pytest.mark.parametrize("scale, kv_groups", [(0.9, 1), (None, 2), (0.2, 2)])
+@pytest.mark.parametrize("family", ["flux", "chroma"])
+def test_the_override_honours_scale_and_grouped_kv_heads_and_passes_other_keywords_on(family, scale, kv_groups,
+                                                                                      monkeypatch):
+    # Newer hosts call the attention override with `scale`, `enable_gqa` (fewer k/v heads) and
+    # `low_precision_attention`. PAG's perturbed rows and SAG's key mass must be those of that attention
+    # (the same as the 0.3.75 call that gives it by scaling q and repeating k / v), and every keyword must
+    # reach the override under ours.
+    model = tiny(family)
+    positive, negative = make_dit_conditioning(family, batch=1, seed=21)
+    x, sigma = noisy_dit_latent(model, 0.6, shape=(1, 16, 8, 10))
+    block = "double.1,single.2"
+    results = {}
+    for newest in (True, False):
+        seen: list = []
+        monkeypatch.setattr(flux_layers, "attention", flux_call_site(scale, kv_groups, newest))
+        base = under_newest_host_attention(model, seen)
+        results[newest] = (denoise_once(pag(base, block), positive, negative, x, sigma, 4.0),
+                           sag_mask_at(sag(base, "single.2"), positive, negative, x, sigma, 4.0))
+        if newest:
+            wanted = sorted({"low_precision_attention"} | ({"scale"} if scale else set())
+                            | ({"enable_gqa"} if kv_groups > 1 else set()))
+            assert seen and all(keywords == wanted for keywords in seen)
+    assert rel_err(results[True][0], results[False][0]) < 1e-5
+    assert torch.equal(results[True][1], results[False][1])
+    monkeypatch.setattr(flux_layers, "attention", flux_call_site(None, 1, False))
+    plain_scale = denoise_once(pag(model, block), positive, negative, x, sigma, 4.0)
+    assert rel_err(results[False][0], plain_scale) > 1e-3  # the test can tell the attentions apart
