@@ -267,28 +267,32 @@ def _stamp_latent_size(executor, x, t, c_concat, c_crossattn, control, transform
     return executor(x, t, c_concat, c_crossattn, control, {**transformer_options, GUIDANCE_OPTIONS: ours}, **kwargs)
 
 
-def install_dit_handler(model, layout: DiTLayout, blocks: list[DiTBlock], handler: Handler) -> None:
+def install_dit_handler(model, layout: DiTLayout, blocks: list[DiTBlock], handler: Handler, guard=None) -> None:
     """Run ``handler(call)`` for every attention call in ``blocks`` of ``model`` (a clone); it returns the
-    call's output and must use ``call.run()`` (or ``call.split``) for every row it does not compute itself."""
+    call's output and must use ``call.run()`` (or ``call.split``) for every row it does not compute itself.
+    With ``guard`` (a ``displacement.DisplacementGuard``) it keeps acting where a later override replaces ours."""
     architecture = layout.architecture
     patch_size = int(model.get_model_object("diffusion_model").patch_size)
     chosen = frozenset(blocks)
     transformer_options = model.model_options.setdefault("transformer_options", {})
+
+    def make_override(previous):
+        def attention_guidance_override(func, *args, **kwargs):
+            block, text_tokens, mark = _locate(architecture, kwargs.get("transformer_options") or {})
+            if block not in chosen:
+                return previous(func, *args, **kwargs)
+            values = dict(zip(_PARAMETERS, args), **kwargs)
+            call = DiTAttention(previous, func, values, len(args), block, architecture, patch_size, text_tokens, True)
+            if mark is not None and call.length != mark.text_tokens + mark.image_tokens:
+                if call.length != mark.image_tokens:
+                    return previous(func, *args, **kwargs)  # not one of the block's self-attentions
+                call = DiTAttention(previous, func, values, len(args), block, architecture, patch_size, 0, False)
+            return handler(call)
+
+        return attention_guidance_override
+
     previous = transformer_options.get(OVERRIDE, _run_attention)
-
-    def attention_guidance_override(func, *args, **kwargs):
-        block, text_tokens, mark = _locate(architecture, kwargs.get("transformer_options") or {})
-        if block not in chosen:
-            return previous(func, *args, **kwargs)
-        values = dict(zip(_PARAMETERS, args), **kwargs)
-        call = DiTAttention(previous, func, values, len(args), block, architecture, patch_size, text_tokens, True)
-        if mark is not None and call.length != mark.text_tokens + mark.image_tokens:
-            if call.length != mark.image_tokens:
-                return previous(func, *args, **kwargs)  # not one of the block's self-attentions
-            call = DiTAttention(previous, func, values, len(args), block, architecture, patch_size, 0, False)
-        return handler(call)
-
-    transformer_options[OVERRIDE] = attention_guidance_override
+    transformer_options[OVERRIDE] = make_override(previous) if guard is None else guard.override(make_override, previous)
     if architecture == "mmdit":
         for block in blocks:
             _replace_block(model, "double_block", block.index, _mark_mmdit_block(block))

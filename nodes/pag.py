@@ -17,6 +17,7 @@ from .batched_pass import add_batched_positive_copy, clear_after_sampling
 from .dit_attention import install_dit_handler
 from .dit_handlers import perturbed_attention_handler
 from .dit_layout import attention_layout
+from .displacement import DisplacementGuard
 from .post_cfg_watch import PostCfgWatch
 
 CATEGORY = "model_patches/attention_guidance"
@@ -118,10 +119,12 @@ class PerturbedAttentionGuidance(io.ComfyNode):
 
             return perturbed_attention
 
+        guard = DisplacementGuard(m, "Perturbed-Attention Guidance",
+                                  lambda options: instance in guidance_options(options).get("perturbed", {}))
         if isinstance(layout, DiTLayout):
-            install_dit_handler(m, layout, sites, perturbed_attention_handler(instance, perturbing))
+            install_dit_handler(m, layout, sites, perturbed_attention_handler(instance, perturbing), guard)
         else:
-            install_site_handler(m, sites, make_handler)
+            install_site_handler(m, sites, make_handler, guard)
 
         def post_cfg_function(args):
             watch.post_cfg_ran()

@@ -1,8 +1,12 @@
 """Behaviours of the newest ComfyUI (0.38.x, read from its sources; see docs/host-compat.md) reproduced on the
 host the tests run (0.3.75), each against the pack's nodes in the real host."""
+import contextlib
+import logging
+
 import comfy.ldm.flux.layers as flux_layers
 import comfy.ldm.flux.math as flux_math
 import comfy.ldm.modules.attention as attention_module
+import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
 import comfy.utils
@@ -10,11 +14,12 @@ import nodes as host_nodes
 import pytest
 import torch
 
+import attention_guidance.nodes.dit_handlers as dit_handlers
 from attention_guidance.nodes.pag import PerturbedAttentionGuidance
 from attention_guidance.nodes.sag import SelfAttentionGuidance, with_sag_mask_probe
 from attention_guidance.nodes.sag_preview import SAGMaskPreview
-from support.dit_models import build_dit, make_dit_conditioning, noisy_dit_latent
-from support.models import denoise_once
+from support.dit_models import build_dit, empty_dit_latent, make_dit_conditioning, noisy_dit_latent
+from support.models import build_model, denoise_once, make_conditioning, sample
 
 _MODELS: dict = {}
 
@@ -181,3 +186,139 @@ def test_the_override_honours_scale_and_grouped_kv_heads_and_passes_other_keywor
     monkeypatch.setattr(flux_layers, "attention", flux_call_site(None, 1, False))
     plain_scale = denoise_once(pag(model, block), positive, negative, x, sigma, 4.0)
     assert rel_err(results[False][0], plain_scale) > 1e-3  # the test can tell the attentions apart
+
+
+# --- an attention override or attn1 replacement applied after the node's ----------------------------------
+
+DIT_BLOCK = {"sd3": "joint.1", "sd35": "joint.0", "flux": "single.2", "flux2": "double.1", "chroma": "double.1",
+             "chroma_radiance": "single.2", "qwen_image": "double.1"}
+NODES = {"pag": ("Perturbed-Attention Guidance", lambda model, layer: pag(model, layer)),
+         "sag": ("Self-Attention Guidance", lambda model, layer: sag(model, layer))}
+DISPLACED = "without calling it, which would switch the guidance off"
+
+
+def attention_backend_set_after(model):
+    """0.38.x ModelPatcher.set_model_optimized_attention (its Model Attention Backend node), applied after the
+    node: an override that runs the given attention function and never the previous override."""
+    clone = model.clone()
+
+    def optimized_attention_override(_, *args, **kwargs):
+        return attention_module.attention_pytorch(*args, **kwargs)
+
+    clone.model_options.setdefault("transformer_options", {})[OVERRIDE] = optimized_attention_override
+    return clone
+
+
+def override_reinstalled_every_step(model, calls_previous=False):
+    """0.38.x BlockSparseAttention's way: at every step an override is put above whatever override is there
+    (here from a CALC_COND_BATCH wrapper; BlockSparseAttention uses ON_PREPARE_STATE, whose callbacks 0.3.75
+    does not hand the step's model_options), computing the calls it takes itself; with ``calls_previous`` it
+    hands every call to the override it found."""
+
+    def reinstall(executor, base_model, conds, x_in, timestep, model_options):
+        options = model_options.get("transformer_options", {})
+        found = options.get(OVERRIDE)
+
+        def sparse_attention(func, *args, **kwargs):
+            if calls_previous and found is not None:
+                return found(func, *args, **kwargs)
+            return func(*args, **kwargs)
+
+        model_options = {**model_options, "transformer_options": {**options, OVERRIDE: sparse_attention}}
+        return executor(base_model, conds, x_in, timestep, model_options)
+
+    clone = model.clone()
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "block_sparse", reinstall)
+    return clone
+
+
+def attn1_replaced_after(model, key):
+    """Another pack's attn1 replacement of the middle block applied after the node, under ``key``: plain
+    attention, never the replacement before it."""
+
+    def plain_attention(q, k, v, extra_options):
+        return attention_module.optimized_attention(q, k, v, extra_options["n_heads"])
+
+    clone = model.clone()
+    clone.set_model_attn1_replace(plain_attention, *key)
+    return clone
+
+
+@contextlib.contextmanager
+def handler_calls(node):
+    """How often the node's own computation ran in a DiT block: PAG's perturbed attention, SAG's key mass."""
+    name = "joint_identity_attention" if node == "pag" else "key_attention_mass"
+    real = getattr(dit_handlers, name)
+    calls = [0]
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    setattr(dit_handlers, name, counted)
+    try:
+        yield calls
+    finally:
+        setattr(dit_handlers, name, real)
+
+
+def _displacement_runs(node, guided, displaced, positive, negative, latent, caplog):
+    """Two sampling runs of ``displaced``: each equals ``guided`` and logs the displacement once, naming the node."""
+    name = NODES[node][0]
+    for _ in range(2):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            out = sample(displaced, positive, negative, latent, steps=2, cfg=4.0, seed=1)
+        warnings = [r.getMessage() for r in caplog.records if DISPLACED in r.getMessage()]
+        assert len(warnings) == 1 and warnings[0].startswith(name), warnings
+        assert rel_err(out, guided) < 1e-5
+
+
+@pytest.mark.parametrize("displacer", ["attention_backend", "reinstalled_every_step"])
+@pytest.mark.parametrize("node", NODES)
+@pytest.mark.parametrize("family", list(DIT_BLOCK))
+def test_an_override_applied_after_the_node_leaves_it_acting_and_is_named(family, node, displacer, caplog):
+    # the node keeps guiding (the result of the guidance over plain attention, which the displacer computes)
+    # and says once per run what displaced it; unguided the result would be plain CFG
+    model = tiny(family)
+    positive, negative = make_dit_conditioning(family, batch=1, seed=22)
+    latent = empty_dit_latent(model, (1, 16, 8, 10))
+    patched = NODES[node][1](model, DIT_BLOCK[family])
+    guided = sample(patched, positive, negative, latent, steps=2, cfg=4.0, seed=1)
+    plain = sample(model, positive, negative, latent, steps=2, cfg=4.0, seed=1)
+    assert rel_err(guided, plain) > 1e-3
+    displaced = (attention_backend_set_after(patched) if displacer == "attention_backend"
+                 else override_reinstalled_every_step(patched))
+    _displacement_runs(node, guided, displaced, positive, negative, latent, caplog)
+
+
+@pytest.mark.parametrize("key", [("middle", 0, 0), ("middle", 0)])
+@pytest.mark.parametrize("node", NODES)
+def test_an_attn1_replacement_applied_after_the_node_leaves_it_acting_and_is_named(node, key, caplog):
+    model = build_model("sd15", seed=0)
+    positive, negative = make_conditioning("sd15", batch=1, seed=23)
+    latent = torch.zeros(1, 4, 8, 8)
+    patched = NODES[node][1](model, "mid" if node == "pag" else "m0.0")
+    guided = sample(patched, positive, negative, latent, steps=2, cfg=4.0, seed=1)
+    assert rel_err(guided, sample(model, positive, negative, latent, steps=2, cfg=4.0, seed=1)) > 1e-3
+    _displacement_runs(node, guided, attn1_replaced_after(patched, key), positive, negative, latent, caplog)
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_an_override_that_calls_the_nodes_acts_below_it_unannounced(node, caplog):
+    # 0.38.x BlockSparseAttention hands the calls it does not take to the override before it: the node's
+    # handler then runs once per call (not again beneath), with the same result, and nothing is logged
+    model = tiny("flux")
+    positive, negative = make_dit_conditioning("flux", batch=1, seed=24)
+    latent = empty_dit_latent(model, (1, 16, 8, 10))
+    patched = NODES[node][1](model, "double.1")
+    guided = sample(patched, positive, negative, latent, steps=2, cfg=4.0, seed=1)
+    with caplog.at_level(logging.WARNING), handler_calls(node) as calls:
+        out = sample(override_reinstalled_every_step(patched, calls_previous=True), positive, negative, latent,
+                     steps=2, cfg=4.0, seed=1)
+    assert DISPLACED not in caplog.text
+    assert rel_err(out, guided) < 1e-5
+    with handler_calls(node) as calls_alone:
+        sample(patched, positive, negative, latent, steps=2, cfg=4.0, seed=1)
+    assert calls[0] == calls_alone[0] > 0
+
