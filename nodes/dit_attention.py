@@ -11,7 +11,8 @@ Where a call comes from:
 - Flux and Chroma (comfy/ldm/flux/model.py, comfy/ldm/chroma/model.py ``forward_orig``) set
   ``transformer_options["block_type"]`` ("double" / "single") and ``["block_index"]`` before each
   block; each block has one attention, over ``cat(text, image)`` (image tokens include Kontext
-  reference latents after the generated image).
+  reference latents after the generated image). 0.38.x also sets ``["img_slice"]`` = ``[text tokens,
+  end]``, which is used where present.
 - SD3's MMDiT (comfy/ldm/modules/diffusionmodules/mmdit.py) sets no block index in 0.3.75. A block
   replacement (``patches_replace["dit"][("double_block", i)]``) on each chosen block runs the original
   block with a copy of transformer_options that names the block and carries its text and image token
@@ -19,7 +20,7 @@ Where a call comes from:
   also run an image-only self-attention (``attn2``) with the same options, told apart by its length.
 
 Token counts are always measured, never guessed: MMDiT's from the block inputs; Flux's text length from
-the text stream entering its first double block (a block replacement there writes it into the forward's
+the host's ``img_slice`` where it gives one, else from the text stream entering its first double block (a block replacement there writes it into the forward's
 transformer_options, the dict Flux hands to every later block, as it does with ``block_index``); the
 latent's size from an APPLY_MODEL wrapper, for the token grid.
 """
@@ -227,7 +228,16 @@ def _locate(architecture: str, options: dict):
     kind = options.get("block_type")
     if kind not in ("double", "single"):
         return None, None, None
-    return DiTBlock(kind, options.get("block_index")), guidance_options(options).get(TEXT_TOKENS), None
+    return DiTBlock(kind, options.get("block_index")), _flux_text_tokens(options), None
+
+
+def _flux_text_tokens(options: dict) -> int | None:
+    """The text tokens before the image in this Flux-style joint attention: the host's own ``img_slice``
+    ``[first image token, end]`` where it gives one (0.38.x), else ours measured at the first double block."""
+    image_slice = options.get("img_slice")
+    if image_slice is not None and len(image_slice) == 2:
+        return int(image_slice[0])
+    return guidance_options(options).get(TEXT_TOKENS)
 
 
 def _replace_block(model, block_name: str, index: int, run: Callable) -> None:

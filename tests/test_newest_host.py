@@ -322,3 +322,32 @@ def test_an_override_that_calls_the_nodes_acts_below_it_unannounced(node, caplog
         sample(patched, positive, negative, latent, steps=2, cfg=4.0, seed=1)
     assert calls[0] == calls_alone[0] > 0
 
+
+# --- the host's own text / image split of Flux-style blocks ---------------------------------------------
+
+@pytest.mark.parametrize("family", ["flux", "chroma", "qwen_image"])
+def test_the_hosts_img_slice_gives_the_text_length_where_a_later_node_replaced_the_first_double_block(family):
+    # 0.38.x marks Flux-style blocks with transformer_options["img_slice"] = [text tokens, end]; where it does,
+    # a node applied after ours that replaces the first double block (where ours measures the text) without
+    # calling ours no longer stops the sampler, and both nodes guide as before
+    model = tiny(family)
+    positive, negative = make_dit_conditioning(family, batch=1, seed=25)
+    x, sigma = noisy_dit_latent(model, 0.6, shape=(1, 16, 8, 10))
+    block = DIT_BLOCK[family]
+
+    def first_block_marked_as_newest(args, extra):
+        text = args["txt"].shape[1]
+        args["transformer_options"]["img_slice"] = [text, text + args["img"].shape[1]]  # in place, as the host
+        return extra["original_block"](args)
+
+    for node in NODES:
+        patched = NODES[node][1](model, block)
+        replaced = patched.clone()
+        replaced.set_model_patch_replace(first_block_marked_as_newest, "dit", "double_block", 0)
+        if node == "pag":
+            guided = denoise_once(patched, positive, negative, x, sigma, 4.0)
+            assert rel_err(denoise_once(replaced, positive, negative, x, sigma, 4.0), guided) < 1e-6
+        else:
+            assert torch.equal(sag_mask_at(replaced, positive, negative, x, sigma, 4.0),
+                               sag_mask_at(patched, positive, negative, x, sigma, 4.0))
+
