@@ -2,6 +2,8 @@
 host the tests run (0.3.75), each against the pack's nodes in the real host."""
 import contextlib
 import logging
+import threading
+import time
 
 import comfy.ldm.flux.layers as flux_layers
 import comfy.ldm.flux.math as flux_math
@@ -351,3 +353,83 @@ def test_the_hosts_img_slice_gives_the_text_length_where_a_later_node_replaced_t
             assert torch.equal(sag_mask_at(replaced, positive, negative, x, sigma, 4.0),
                                sag_mask_at(patched, positive, negative, x, sigma, 4.0))
 
+
+# --- conds evaluated in worker threads -------------------------------------------------------------------
+
+def conds_in_worker_threads(model):
+    """0.38.x's multi-GPU evaluation, on one device: the cond lists of each call batched apart and evaluated at
+    the same time in worker threads (under torch.no_grad, as its _handle_batch), each with the host's own
+    numbering (the other lists left out)."""
+
+    def in_threads(executor, base_model, conds, x_in, timestep, model_options):
+        results, failures = [None] * len(conds), []
+        lists = [i for i, c in enumerate(conds) if c is not None]
+        together = threading.Barrier(len(lists))
+
+        def evaluate(i):
+            try:
+                together.wait(timeout=60)
+                with torch.no_grad():
+                    only = [c if j == i else None for j, c in enumerate(conds)]
+                    results[i] = executor(base_model, only, x_in, timestep, model_options)[i]
+            except BaseException as error:  # noqa: BLE001 - raised again on the sampler's thread
+                failures.append(error)
+
+        threads = [threading.Thread(target=evaluate, args=(i,)) for i in lists]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if failures:
+            raise failures[0]
+        return [r if r is not None else torch.zeros_like(x_in) for r in results]
+
+    clone = model.clone()
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "worker_threads", in_threads)
+    return clone
+
+
+def slow_attention_under(model, family):
+    """A clone of ``model`` whose attention (an override, or the UNet middle block's attn1 replacement, under
+    the node's) sleeps a little in every call, so that the worker threads' attention calls interleave."""
+    clone = model.clone()
+    if family == "sd15":
+        def slow_attn1(q, k, v, extra_options):
+            time.sleep(0.002)
+            return attention_module.optimized_attention(q, k, v, extra_options["n_heads"])
+
+        clone.set_model_attn1_replace(slow_attn1, "middle", 0)
+    else:
+        def slow_override(func, *args, **kwargs):
+            time.sleep(0.002)
+            return func(*args, **kwargs)
+
+        clone.model_options.setdefault("transformer_options", {})[OVERRIDE] = slow_override
+    return clone
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_conds_evaluated_in_worker_threads_give_the_same_guidance(family, caplog):
+    # each list in its own thread, concurrently: PAG's copy, SAG's recorded rows and the displacement guard
+    # (an override set after the node) act as on one thread, and the guard still warns once a run
+    if family == "sd15":
+        model, layer = build_model("sd15", seed=0), {"pag": "mid", "sag": "m0.0"}
+        positive, negative = make_conditioning("sd15", batch=2, seed=26)
+        latent = torch.zeros(2, 4, 8, 8)
+    else:
+        model, layer = tiny("flux"), {"pag": "double.1", "sag": "single.2"}
+        positive, negative = make_dit_conditioning("flux", batch=2, seed=26)
+        latent = empty_dit_latent(model, (2, 16, 8, 10))
+    model = slow_attention_under(model, family)
+    for node in NODES:
+        patched = NODES[node][1](model, layer[node])
+        one_thread = sample(patched, positive, negative, latent, steps=2, cfg=4.0, seed=1)
+        threaded = sample(conds_in_worker_threads(patched), positive, negative, latent, steps=2, cfg=4.0, seed=1)
+        assert rel_err(threaded, one_thread) < 1e-5, node
+        if family == "flux":
+            caplog.clear()
+            with caplog.at_level(logging.WARNING):
+                displaced = sample(conds_in_worker_threads(attention_backend_set_after(patched)), positive, negative,
+                                   latent, steps=2, cfg=4.0, seed=1)
+            assert rel_err(displaced, one_thread) < 1e-5, node
+            assert sum(DISPLACED in r.getMessage() for r in caplog.records) == 1
