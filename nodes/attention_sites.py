@@ -81,9 +81,10 @@ def require_own_queries(q, k, extra_options: dict, label: str) -> None:
     )
 
 
-def install_site_handler(model, sites, make_handler: Callable[[AttentionFn], AttentionFn]) -> None:
+def install_site_handler(model, sites, make_handler: Callable[[AttentionFn], AttentionFn], guard=None) -> None:
     """Replace attn1 at the given sites by ``make_handler(previous)``; the handler must call
-    ``previous`` (with narrowed extra_options) for every row it does not handle itself.
+    ``previous`` (with narrowed extra_options) for every row it does not handle itself. With ``guard`` (a
+    ``displacement.DisplacementGuard``) the handler keeps acting where a later patch replaces it.
 
     A site set covering a whole SpatialTransformer is registered under the host's 2-tuple key
     ``(block, id)``, so a patch another node puts on that same key at run time (the host's PAG does,
@@ -102,7 +103,12 @@ def install_site_handler(model, sites, make_handler: Callable[[AttentionFn], Att
             keys = [block + (i,) for i in indices]
         previous = {key: replacements.get(key, replacements.get(block, host_attention)) for key in keys}
         for key in keys:
-            model.set_model_attn1_replace(make_handler(previous[key]), *key)
+            if guard is None:
+                handler = make_handler(previous[key])
+            else:
+                covered = [block + (i,) for i in indices if len(key) == 2 or key[2] == i]
+                handler = guard.attn1(make_handler, previous[key], covered)
+            model.set_model_attn1_replace(handler, *key)
 
 
 def with_guidance_options(model_options: dict, **updates) -> dict:

@@ -11,7 +11,8 @@ Where a call comes from:
 - Flux and Chroma (comfy/ldm/flux/model.py, comfy/ldm/chroma/model.py ``forward_orig``) set
   ``transformer_options["block_type"]`` ("double" / "single") and ``["block_index"]`` before each
   block; each block has one attention, over ``cat(text, image)`` (image tokens include Kontext
-  reference latents after the generated image).
+  reference latents after the generated image). 0.38.x also sets ``["img_slice"]`` = ``[text tokens,
+  end]``, which is used where present.
 - SD3's MMDiT (comfy/ldm/modules/diffusionmodules/mmdit.py) sets no block index in 0.3.75. A block
   replacement (``patches_replace["dit"][("double_block", i)]``) on each chosen block runs the original
   block with a copy of transformer_options that names the block and carries its text and image token
@@ -74,7 +75,10 @@ VIDEO_BLOCK = "dit_video_block"  # the video DiT block running now (a VideoBlock
 # architectures whose token grid is (frames, h, w)
 VIDEO_ARCHITECTURES = ("video", "hunyuan_video")
 
-# The host attention functions' parameters (attention_pytorch and the others, 0.3.75), positional order.
+# The host attention functions' parameters (attention_pytorch and the others, 0.3.75), positional order. Any
+# other keyword goes through to the previous override untouched; newer hosts add ``scale`` (the factor of QK^T)
+# and ``enable_gqa`` (fewer k/v heads than q heads), which our own computations honour, and
+# ``low_precision_attention`` (0.38.x).
 _PARAMETERS = ("q", "k", "v", "heads", "mask", "attn_precision", "skip_reshape", "skip_output_reshape")
 
 
@@ -168,6 +172,11 @@ class DiTAttention:
         return self._values.get("mask")
 
     @property
+    def scale(self) -> float | None:
+        """The factor of ``QK^T`` where the caller gives one (``scale``), else None: ``1 / sqrt(D)``."""
+        return self._values.get("scale")
+
+    @property
     def options(self) -> dict:
         """The call's transformer_options."""
         return self._values.get("transformer_options") or {}
@@ -241,20 +250,31 @@ class DiTAttention:
             )
         return grid
 
-    def to_heads(self, t: torch.Tensor) -> torch.Tensor:
+    def to_heads(self, t: torch.Tensor, heads: int | None = None) -> torch.Tensor:
         if self._values.get("skip_reshape"):
             return t
         # [B, L, heads * D]; MMDiT hands v over as [B, L, heads, D] (mmdit.py split_qkv)
-        return t.reshape(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
+        return t.reshape(t.shape[0], t.shape[1], heads or self.heads, -1).transpose(1, 2)
 
     def q_heads(self):
         return self.to_heads(self.q)
 
+    def _kv_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """``k`` or ``v`` as ``[B, heads, L, D]``. With ``enable_gqa`` a call may give fewer k/v heads, each
+        shared by ``heads / kv_heads`` consecutive query heads (torch's scaled_dot_product_attention)."""
+        if not self._values.get("enable_gqa"):
+            return self.to_heads(t)
+        kv_heads = self.k.shape[1] if self._values.get("skip_reshape") else self.k.shape[-1] // self.q_heads().shape[-1]
+        grouped = self.to_heads(t, kv_heads)
+        if self.heads % grouped.shape[1]:
+            raise RuntimeError(f"Attention guidance: {self.heads} query heads cannot share {grouped.shape[1]} k/v heads.")
+        return grouped.repeat_interleave(self.heads // grouped.shape[1], dim=1)
+
     def k_heads(self):
-        return self.to_heads(self.k)
+        return self._kv_heads(self.k)
 
     def v_heads(self):
-        return self.to_heads(self.v)
+        return self._kv_heads(self.v)
 
     def with_queries(self, q_heads: torch.Tensor) -> "DiTAttention":
         """This call with other queries, given as ``[B, heads, L, D]``."""
@@ -309,7 +329,16 @@ def _locate_flux(options: dict):
     kind = options.get("block_type")
     if kind not in ("double", "single"):
         return None, None, None
-    return DiTBlock(kind, options.get("block_index")), guidance_options(options).get(TEXT_TOKENS), None
+    return DiTBlock(kind, options.get("block_index")), _flux_text_tokens(options), None
+
+
+def _flux_text_tokens(options: dict) -> int | None:
+    """The text tokens before the image in this Flux-style joint attention: the host's own ``img_slice``
+    ``[first image token, end]`` where it gives one (0.38.x), else ours measured at the first double block."""
+    image_slice = options.get("img_slice")
+    if image_slice is not None and len(image_slice) == 2:
+        return int(image_slice[0])
+    return guidance_options(options).get(TEXT_TOKENS)
 
 
 def _locate_video(options: dict):
@@ -483,39 +512,43 @@ def _patch_size(diffusion_model):
     return tuple(int(p) for p in size) if isinstance(size, (tuple, list)) else int(size)
 
 
-def install_dit_handler(model, layout: DiTLayout, blocks: list[DiTBlock], handler: Handler) -> None:
+def install_dit_handler(model, layout: DiTLayout, blocks: list[DiTBlock], handler: Handler, guard=None) -> None:
     """Run ``handler(call)`` for every attention call in ``blocks`` of ``model`` (a clone); it returns the
-    call's output and must use ``call.run()`` (or ``call.split``) for every row it does not compute itself."""
+    call's output and must use ``call.run()`` (or ``call.split``) for every row it does not compute itself.
+    With ``guard`` (a ``displacement.DisplacementGuard``) it keeps acting where a later override replaces ours."""
     architecture = layout.architecture
     reach = ARCHITECTURES[architecture]
     patch_size = _patch_size(model.get_model_object("diffusion_model"))
     chosen = frozenset(blocks)
     transformer_options = model.model_options.setdefault("transformer_options", {})
-    previous = transformer_options.get(OVERRIDE, _run_attention)
 
-    def attention_guidance_override(func, *args, **kwargs):
-        block, text_tokens, mark = reach.locate(kwargs.get("transformer_options") or {})
-        if block not in chosen:
-            return previous(func, *args, **kwargs)
-        values = dict(zip(_PARAMETERS, args), **kwargs)
-        call = DiTAttention(previous, func, values, len(args), block, architecture, patch_size, text_tokens, True,
-                            reach.image_first)
-        if text_tokens is not None and text_tokens < 0:  # the call's length less the image stream
-            call = DiTAttention(previous, func, values, len(args), block, architecture, patch_size,
-                                call.length + text_tokens, True, reach.image_first)
-        if isinstance(mark, VideoBlockMark):
-            # the block's first call with as many queries and keys as video tokens is its self-attention;
-            # the cross-attention to the text (and to Wan I2V's image embeddings) that follows is left alone
-            if mark.self_attention_done or call.length != mark.tokens or call.key_length != mark.tokens:
+    def make_override(previous):
+        def attention_guidance_override(func, *args, **kwargs):
+            block, text_tokens, mark = reach.locate(kwargs.get("transformer_options") or {})
+            if block not in chosen:
                 return previous(func, *args, **kwargs)
-            mark.self_attention_done = True
+            values = dict(zip(_PARAMETERS, args), **kwargs)
+            call = DiTAttention(previous, func, values, len(args), block, architecture, patch_size, text_tokens, True,
+                                reach.image_first)
+            if text_tokens is not None and text_tokens < 0:  # the call's length less the image stream
+                call = DiTAttention(previous, func, values, len(args), block, architecture, patch_size,
+                                    call.length + text_tokens, True, reach.image_first)
+            if isinstance(mark, VideoBlockMark):
+                # the block's first call with as many queries and keys as video tokens is its self-attention;
+                # the cross-attention to the text (and to Wan I2V's image embeddings) that follows is left alone
+                if mark.self_attention_done or call.length != mark.tokens or call.key_length != mark.tokens:
+                    return previous(func, *args, **kwargs)
+                mark.self_attention_done = True
+                return handler(call)
+            if mark is not None and call.length != mark.text_tokens + mark.image_tokens:
+                if call.length != mark.image_tokens:
+                    return previous(func, *args, **kwargs)  # not one of the block's self-attentions
+                call = DiTAttention(previous, func, values, len(args), block, architecture, patch_size, 0, False)
             return handler(call)
-        if mark is not None and call.length != mark.text_tokens + mark.image_tokens:
-            if call.length != mark.image_tokens:
-                return previous(func, *args, **kwargs)  # not one of the block's self-attentions
-            call = DiTAttention(previous, func, values, len(args), block, architecture, patch_size, 0, False)
-        return handler(call)
 
-    transformer_options[OVERRIDE] = attention_guidance_override
+        return attention_guidance_override
+
+    previous = transformer_options.get(OVERRIDE, _run_attention)
+    transformer_options[OVERRIDE] = make_override(previous) if guard is None else guard.override(make_override, previous)
     reach.install(model, layout, blocks)
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _stamp_latent_size)

@@ -33,7 +33,8 @@ def joint_identity(part: DiTAttention) -> torch.Tensor:
     """PAG: diffusers' SD3 PAG attention (each image token attends to itself and the text, text tokens to
     everything; ``joint_identity_attention``), also where the image comes before the text (HiDream, HunyuanVideo)."""
     attention = joint_identity_attention_text_last if part.image_first else joint_identity_attention
-    return part.from_heads(attention(part.q_heads(), part.k_heads(), part.v_heads(), part.text_tokens, part.mask))
+    return part.from_heads(attention(part.q_heads(), part.k_heads(), part.v_heads(), part.text_tokens, part.mask,
+                                     scale=part.scale))
 
 
 def smoothed_queries(blur_sigma: float):
@@ -83,7 +84,7 @@ def key_mass_recorder(instance: str, record_option: str, records: dict, make_rec
         rows = chunk_rows(chunks, positions, call.q.shape[0], call.q.device)
         q, k = call.q_heads()[rows][:, :, image], call.k_heads()[rows][:, :, image]
         with torch.profiler.record_function("attention_guidance.sag_key_mass"):
-            mass = key_attention_mass(_flat(q), _flat(k), q.shape[1])
+            mass = key_attention_mass(_flat(q), _flat(k), q.shape[1], scale=call.scale)
         size = call.q.shape[0] // len(chunks)
         uuids = call.options.get("uuids") or [None] * len(chunks)
         for n, position in enumerate(positions):

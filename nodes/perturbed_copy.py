@@ -18,6 +18,7 @@ from .attention_sites import chunk_ids, guidance_options, install_site_handler, 
 from .batched_pass import add_batched_positive_copy, clear_after_sampling
 from .dit_attention import DiTAttention, install_dit_handler
 from .dit_handlers import perturbed_copy_handler
+from .displacement import DisplacementGuard
 from .layer_choice import log_once_per_run
 from .post_cfg_watch import PostCfgWatch
 
@@ -72,10 +73,12 @@ class PerturbedCopy:
 
             return perturbed_attention
 
+        # keeps the handlers acting where a node applied later displaces them (displacement.DisplacementGuard)
+        guard = DisplacementGuard(model, node, lambda options: instance in guidance_options(options).get("perturbed", {}))
         if isinstance(layout, DiTLayout):
-            install_dit_handler(model, layout, sites, perturbed_copy_handler(instance, perturbing, perturb_dit))
+            install_dit_handler(model, layout, sites, perturbed_copy_handler(instance, perturbing, perturb_dit), guard)
         else:
-            install_site_handler(model, sites, make_handler)
+            install_site_handler(model, sites, make_handler, guard)
 
     def guidance_step(self, args):
         """``(scale, perturbed x0)`` for this post-CFG call, or None where the node does not guide this step."""

@@ -42,6 +42,7 @@ from .dit_attention import install_dit_handler
 from .dit_handlers import key_mass_recorder
 from .dit_layout import attention_layout
 from .layer_choice import layers_in_use, log_once_per_run
+from .displacement import DisplacementGuard
 from .post_cfg_watch import PostCfgWatch
 from .sigma_window import SigmaWindow
 
@@ -316,12 +317,14 @@ class SelfAttentionGuidance(io.ComfyNode):
 
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, calc_cond_batch_wrapper)
         clear_after_sampling(m, records)
+        guard = DisplacementGuard(m, "Self-Attention Guidance",
+                                  lambda options: instance in guidance_options(options).get(RECORD, {}))
         if isinstance(layout, DiTLayout):
-            install_dit_handler(m, layout, [site], key_mass_recorder(instance, RECORD, records, KeyMassRecord))
+            install_dit_handler(m, layout, [site], key_mass_recorder(instance, RECORD, records, KeyMassRecord), guard)
         else:
             module_sites = [s for s in layout.sites if s.module == site.module]
             install_site_handler(m, module_sites, record_handler(instance, site.transformer_index, records,
-                                                                 f"SAG layer '{site.index_name}'"))
+                                                                 f"SAG layer '{site.index_name}'"), guard)
 
         def reference_mask(args, ref_conds):
             x, sigma = args["input"], args["sigma"]

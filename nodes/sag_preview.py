@@ -2,6 +2,8 @@
 ``threshold`` and ``layer`` by eye."""
 from __future__ import annotations
 
+import inspect
+
 import comfy.latent_formats
 import comfy.sample
 import comfy.samplers
@@ -35,6 +37,20 @@ def image_pixels_per_latent_pixel(latent_format) -> int:
         if isinstance(latent_format, getattr(comfy.latent_formats, name, ())):
             return scale
     return 8
+
+
+# Keys of a LATENT dict that newer hosts' empty-latent nodes add and their fix_empty_latent_channels takes
+# as keyword arguments of the same name (EmptyLatentImage's "downscale_ratio_spacial": 8, 0.38.x).
+_EMPTY_LATENT_HINTS = ("downscale_ratio_spacial", "downscale_ratio_temporal")
+
+
+def sampler_latent(model, latent_image: dict):
+    """The latent KSampler samples for ``latent_image``: the host's ``fix_empty_latent_channels`` with the
+    downscale hints the LATENT dict carries, where the host's function takes them (0.3.75 takes none)."""
+    fix = comfy.sample.fix_empty_latent_channels
+    parameters = inspect.signature(fix).parameters
+    hints = {name: latent_image[name] for name in _EMPTY_LATENT_HINTS if name in parameters and name in latent_image}
+    return fix(model, latent_image["samples"], **hints)
 
 
 def one_evaluation_sampler() -> comfy.samplers.KSAMPLER:
@@ -93,7 +109,7 @@ class SAGMaskPreview(io.ComfyNode):
         if step >= steps:
             raise ValueError(f"SAG Mask Preview: step is {step} but steps is {steps}; use a step from 0 to {steps - 1}.")
 
-        latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
+        latent = sampler_latent(model, latent_image)
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps)
 

@@ -46,7 +46,7 @@ def additive_mask(mask, like: torch.Tensor):
 
 
 def joint_identity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_tokens: int, mask=None,
-                             query_chunk: int | None = None) -> torch.Tensor:
+                             query_chunk: int | None = None, scale: float | None = None) -> torch.Tensor:
     """Joint attention of PAG's perturbed branch, as diffusers' SD3 PAG processors compute it.
 
     Args:
@@ -56,6 +56,7 @@ def joint_identity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         mask: the call's own attention mask, if any (see ``additive_mask``); it is added to the scores
             the perturbed rows keep.
         query_chunk: image queries per block; None picks one whose float32 scores fit ``DEFAULT_CHUNK_BYTES``.
+        scale: the factor of ``QK^T`` (the caller's own, where it gives one); None is ``1 / sqrt(D)``.
 
     Returns:
         ``[B, heads, L, Dv]`` in ``q``'s dtype.
@@ -63,12 +64,13 @@ def joint_identity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     batch, heads, length, dim = q.shape
     if not 0 <= text_tokens <= length:
         raise ValueError(f"text_tokens={text_tokens} must be between 0 and the sequence length {length}.")
-    scale = dim ** -0.5
+    scale = dim ** -0.5 if scale is None else scale
     mask = additive_mask(mask, q)
     out = torch.empty(batch, heads, length, v.shape[-1], dtype=q.dtype, device=q.device)
     if text_tokens:
         text_mask = None if mask is None else mask[..., :text_tokens, :].to(q.dtype)
-        out[:, :, :text_tokens] = F.scaled_dot_product_attention(q[:, :, :text_tokens], k, v, attn_mask=text_mask)
+        out[:, :, :text_tokens] = F.scaled_dot_product_attention(q[:, :, :text_tokens], k, v, attn_mask=text_mask,
+                                                                    scale=scale)
     if text_tokens == length:
         return out
 
@@ -95,17 +97,18 @@ def joint_identity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 
 def joint_identity_attention_text_last(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_tokens: int,
-                                       mask=None) -> torch.Tensor:
-    """``joint_identity_attention`` for a sequence with the text after the image tokens (HunyuanVideo attends
-    over ``cat(image, text)``): the same rows, computed on the sequence rotated to text first and rotated back
-    (attention is permutation-equivariant, so no token's result depends on the order)."""
+                                       mask=None, scale: float | None = None) -> torch.Tensor:
+    """``joint_identity_attention`` for a sequence with the text after the image tokens (HunyuanVideo and HiDream
+    attend over ``cat(image, text)``): the same rows, computed on the sequence rotated to text first and rotated
+    back (attention is permutation-equivariant, so no token's result depends on the order)."""
     if not text_tokens:
-        return joint_identity_attention(q, k, v, 0, mask)
+        return joint_identity_attention(q, k, v, 0, mask, scale=scale)
     length = q.shape[2]
     mask = additive_mask(mask, q)
     if mask is not None:
         for dim in (-1, -2):
             if mask.shape[dim] == length:
                 mask = torch.roll(mask, text_tokens, dims=dim)
-    out = joint_identity_attention(*(torch.roll(t, text_tokens, dims=2) for t in (q, k, v)), text_tokens, mask)
+    out = joint_identity_attention(*(torch.roll(t, text_tokens, dims=2) for t in (q, k, v)), text_tokens, mask,
+                                   scale=scale)
     return torch.roll(out, -text_tokens, dims=2)

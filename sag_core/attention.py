@@ -50,13 +50,13 @@ def _query_chunk(query_chunk, batch, heads, queries, keys):
     return max(1, min(queries, DEFAULT_CHUNK_BYTES // per_query))
 
 
-def _attention(q, k, v, heads, query_chunk, with_output):
+def _attention(q, k, v, heads, query_chunk, with_output, scale=None):
     _check_inputs(q, k, heads, query_chunk)
     q_heads = _split_heads(q, heads, "q")
     k_heads = _split_heads(k, heads, "k").float()
     batch, _, queries, dim_head = q_heads.shape
     keys = k_heads.shape[2]
-    scale = 1.0 / math.sqrt(dim_head)
+    scale = 1.0 / math.sqrt(dim_head) if scale is None else scale
     chunk = _query_chunk(query_chunk, batch, heads, queries, keys)
 
     key_mass = torch.zeros(batch, heads, keys, dtype=torch.float32, device=q.device)
@@ -77,7 +77,7 @@ def _attention(q, k, v, heads, query_chunk, with_output):
     return out.transpose(1, 2).reshape(batch, queries, -1), key_mass
 
 
-def attention_with_key_mass(q, k, v, heads, query_chunk=None):
+def attention_with_key_mass(q, k, v, heads, query_chunk=None, scale=None):
     """Multi-head attention output and per-key attention mass in one pass.
 
     Args:
@@ -85,15 +85,16 @@ def attention_with_key_mass(q, k, v, heads, query_chunk=None):
         heads: number of heads.
         query_chunk: queries per block; ``None`` picks the largest block whose float32 scores fit in
             ``DEFAULT_CHUNK_BYTES``. The results do not depend on it beyond float rounding.
+        scale: the factor of ``q k^T`` where the caller gives its own; None is ``1 / sqrt(dim_head)``.
 
     Returns:
         ``(out, key_mass)``: ``out`` is ``softmax(q k^T / sqrt(dim_head)) v`` as ``[B, Lq, heads * dim_v]``
         in ``q``'s dtype; ``key_mass`` is float32 ``[B, Lk]``, the mean over heads of the sum over
         queries of the softmax probabilities.
     """
-    return _attention(q, k, v, heads, query_chunk, with_output=True)
+    return _attention(q, k, v, heads, query_chunk, with_output=True, scale=scale)
 
 
-def key_attention_mass(q, k, heads, query_chunk=None):
+def key_attention_mass(q, k, heads, query_chunk=None, scale=None):
     """Only the float32 ``[B, Lk]`` key mass of ``attention_with_key_mass``."""
-    return _attention(q, k, None, heads, query_chunk, with_output=False)
+    return _attention(q, k, None, heads, query_chunk, with_output=False, scale=scale)

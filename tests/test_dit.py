@@ -109,9 +109,9 @@ def perturbed_calls(monkeypatch):
     seen = []
     real = dit_handlers.joint_identity_attention
 
-    def spy(q, k, v, text_tokens, mask=None):
+    def spy(q, k, v, text_tokens, mask=None, **kwargs):
         seen.append((q.shape[0], text_tokens))
-        return real(q, k, v, text_tokens, mask)
+        return real(q, k, v, text_tokens, mask, **kwargs)
 
     monkeypatch.setattr(dit_handlers, "joint_identity_attention", spy)
     yield seen

@@ -1,5 +1,6 @@
 """The pack registers through ComfyUI's own custom-node loader, V3 only, without clashing with core ids."""
 import asyncio
+import subprocess
 import sys
 from pathlib import Path
 
@@ -57,3 +58,14 @@ def test_pack_loads_through_the_host_loader_as_v3_without_id_collisions(core_nod
         assert nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id] == cls.GET_SCHEMA().display_name
         assert cls.RELATIVE_PYTHON_MODULE == f"custom_nodes.{REPO_INIT_NAME}"
     assert set(nodes.NODE_CLASS_MAPPINGS) - core_node_ids == set(node_ids)
+
+
+def test_no_bytecode_ships_with_the_pack():
+    # ComfyUI's governed build (0.38.x) refuses packs that ship __pycache__ / .pyc files; what the Comfy
+    # Registry packs is the repository's tracked files, and git must keep ignoring the ones Python writes
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.decode()
+    bytecode = [path for path in tracked.split("\0") if path.endswith((".pyc", ".pyo")) or "__pycache__" in path.split("/")]
+    assert not bytecode, f"tracked bytecode: {bytecode}"
+    written = ["__pycache__/nodes.cpython-311.pyc", "nodes/__pycache__/pag.cpython-311.pyc", "tests/x.pyc"]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *written], cwd=REPO, capture_output=True, text=True)
+    assert ignored.stdout.split() == written
