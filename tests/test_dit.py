@@ -105,15 +105,21 @@ def foreign_override(model):
 
 @contextlib.contextmanager
 def perturbed_calls(monkeypatch):
-    """Every call of PAG's perturbed joint attention: (rows, text tokens)."""
+    """Every call of PAG's perturbed joint attention, text first or (HiDream, HunyuanVideo) text last:
+    (rows, text tokens)."""
     seen = []
-    real = dit_handlers.joint_identity_attention
 
-    def spy(q, k, v, text_tokens, mask=None, **kwargs):
-        seen.append((q.shape[0], text_tokens))
-        return real(q, k, v, text_tokens, mask, **kwargs)
+    def spy_on(name):
+        real = getattr(dit_handlers, name)
 
-    monkeypatch.setattr(dit_handlers, "joint_identity_attention", spy)
+        def spy(q, k, v, text_tokens, mask=None, **kwargs):
+            seen.append((q.shape[0], text_tokens))
+            return real(q, k, v, text_tokens, mask, **kwargs)
+
+        monkeypatch.setattr(dit_handlers, name, spy)
+
+    spy_on("joint_identity_attention")
+    spy_on("joint_identity_attention_text_last")
     yield seen
 
 
