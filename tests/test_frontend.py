@@ -5,14 +5,14 @@ latter with Nodes 2.0 (Vue node rendering) off and on; one server per frontend r
 per variant.
 
 For every example: it opens from the pack's entry in the template browser or as the template browser
-loads it, no missing-node dialog appears, every node is a registered type without errors, our nodes
+loads it, no missing-node report appears, every node is a registered type without errors, our nodes
 carry their widgets with the file's values, the frontend's own ``graphToPrompt`` makes exactly the
 prompt ``support.workflow_convert`` makes (also with our nodes bypassed or muted and through a legacy
 Reroute node), and exporting it again gives the file back. Queueing the SD1.5 PAG example from the
 Run button shows the saved image on its Save Image node. The released copies in
 ``tests/workflow_compat/`` load without missing nodes and the frontend still makes the recorded prompt.
 
-Screenshots of each loaded workflow go to ``tests/artifacts/frontend/``.
+Screenshots of each loaded workflow go to ``tests/artifacts/frontend/<frontend>/``.
 
 Needs Chromium and the Python package playwright (``python3 scripts/host.py setup`` installs both);
 ``AG_SKIP_BROWSER_TESTS=1`` skips this module on machines without them.
