@@ -3,6 +3,8 @@
 
     python3 scripts/host.py setup                    # idempotent; a second run takes seconds
     python3 scripts/host.py serve [-- main.py args]  # ComfyUI with the pack on 127.0.0.1:8188
+    python3 scripts/host.py serve --frontend 1.58.1  # the same, with that comfyui-frontend-package release
+    python3 scripts/host.py serve --full-log         # ComfyUI's start-up output unfiltered (see serve's log)
     python3 scripts/host.py test [-- pytest args]    # the whole suite; exits with pytest's code
 
 The host is, in this order:
@@ -22,15 +24,30 @@ links to this repository and ``.cache/extra_model_paths.yaml`` adds that folder 
 otherwise they say how to get one (or to set ``AG_SKIP_BROWSER_TESTS=1``). Playwright, which drives it,
 is in tests/requirements.txt and never downloads a browser.
 
+Frontends: ComfyUI serves the ``comfyui-frontend-package`` of its Python environment (1.32.9 for the embedded
+0.3.75). ``serve --frontend VERSION`` installs that release of the package from PyPI into
+``.cache/frontends/VERSION`` (``pip install --no-deps --target``: a 30 MB download, the environment is left alone)
+and passes its ``static`` folder to main.py as ``--front-end-root``; ``--frontend bundled`` (the default) is
+the environment's own. ``setup`` installs the releases the browser tests also run (``TEST_FRONTENDS``).
+
+``serve``'s log: without torchaudio, ComfyUI prints a traceback for each of its audio node files at start,
+says its audio models "will be broken" and asks to reinstall its requirements. PyPI has no torchaudio
+build for the pinned torch, and the pack does not use audio, so ``serve`` replaces exactly those messages
+(tracebacks ending in ``No module named 'torchaudio'``, the "torchaudio missing, ..." lines, and the
+import-failed summary when it lists only those files) by one line saying so; every other line passes
+unchanged. ``serve --full-log`` shows ComfyUI's output untouched.
+
 Standard library only, so that it runs before anything is installed.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -56,6 +73,10 @@ EMBEDDED_HOST = CACHE / "comfyui"
 TORCH_PINS = ["torch==2.14.1", "torchvision==0.29.1"]
 TORCH_PINS_ARM = ["torch==2.9.1", "torchvision==0.24.1"]
 HOST_REQUIREMENTS_SKIPPED = {"torch", "torchvision", "torchaudio"}
+# comfyui-frontend-package releases the browser tests run besides the host's bundled one; setup installs them.
+FRONTEND_PACKAGE = "comfyui-frontend-package"
+TEST_FRONTENDS = ["1.58.1"]
+BUNDLED_FRONTEND = "bundled"
 CHECKPOINT_EXTENSIONS = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
 
 VENV = CACHE / "venv"
@@ -63,6 +84,7 @@ STAMPS = CACHE / "stamps"
 DOWNLOADS = CACHE / "downloads"
 CUSTOM_NODES = CACHE / "custom_nodes"
 CHECKPOINTS = CACHE / "models" / "checkpoints"
+FRONTENDS = CACHE / "frontends"
 EXTRA_MODEL_PATHS = CACHE / "extra_model_paths.yaml"
 TINY_CHECKPOINT = CHECKPOINTS / "ag_tiny_sd15_random.safetensors"
 
@@ -420,6 +442,127 @@ def ensure_browser() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# Frontend releases
+
+
+def frontend_root(version: str) -> Path:
+    """The folder main.py's ``--front-end-root`` takes for a ``comfyui-frontend-package`` release."""
+    return FRONTENDS / version / "comfyui_frontend_package" / "static"
+
+
+def ensure_frontend(interpreter: Interpreter, version: str) -> Path:
+    """``comfyui-frontend-package==version`` in .cache/frontends/<version> (not in the environment)."""
+    if not version or not all(part.isdigit() for part in version.split(".")):
+        fail(f"--frontend {version!r} is not a release number of {FRONTEND_PACKAGE} (e.g. 1.58.1), "
+             f"nor {BUNDLED_FRONTEND!r} for the one the host's environment has.")
+    target = FRONTENDS / version
+    stamp = target / ".ag-stamp"
+    digest = sha256_text(f"{FRONTEND_PACKAGE}=={version}")
+    if read_stamp(stamp) == digest and (frontend_root(version) / "index.html").is_file():
+        say(f"frontend: skipped, {FRONTEND_PACKAGE} {version} already in {target.relative_to(REPO)}")
+        return frontend_root(version)
+    partial = FRONTENDS / f"{version}.partial"
+    if partial.exists():
+        shutil.rmtree(partial)
+    say(f"frontend: installing {FRONTEND_PACKAGE}=={version} into {target.relative_to(REPO)}")
+    result = subprocess.run([str(interpreter.python), "-m", "pip", "install", "--no-deps", "--no-compile",
+                             "--disable-pip-version-check", "--target", str(partial), f"{FRONTEND_PACKAGE}=={version}"],
+                            stdin=subprocess.DEVNULL)
+    if result.returncode != 0:
+        fail(f"pip could not install {FRONTEND_PACKAGE}=={version}; check the version exists on PyPI "
+             f"(`pip index versions {FRONTEND_PACKAGE}`) or use --frontend {BUNDLED_FRONTEND}.")
+    if not (partial / "comfyui_frontend_package" / "static" / "index.html").is_file():
+        fail(f"{FRONTEND_PACKAGE}=={version} has no comfyui_frontend_package/static/index.html; it cannot be served.")
+    write_stamp(partial / ".ag-stamp", digest)
+    if target.exists():
+        shutil.rmtree(target)
+    partial.rename(target)
+    return frontend_root(version)
+
+
+# --------------------------------------------------------------------------------------------------
+# serve's log
+
+
+class MissingTorchaudioFilter:
+    """ComfyUI's start-up output without the messages about its audio nodes and models failing for want of
+    torchaudio: each traceback that ends in the missing torchaudio (with its "Cannot import ..." line), the
+    "torchaudio missing, ... will be broken" lines, and the import-failed summary when every file it lists
+    is one of those. One note says so instead. Lines go in one at a time; what to print comes out."""
+
+    MISSING = "No module named 'torchaudio'"
+    NOTE = ("[host] torchaudio is not installed (PyPI has no build for this torch), so ComfyUI's audio nodes are "
+            "off; this pack does not use them. Their import tracebacks are hidden (serve --full-log shows them).\n")
+
+    def __init__(self):
+        self.block: list[str] = []
+        self.kind = None  # "traceback" or "summary" while a block is held back
+        self.audio_files: set[str] = set()
+        self.noted = False
+
+    def feed(self, line: str) -> str:
+        if self.kind is None:
+            if line.startswith("Traceback (most recent call last):"):
+                self.kind, self.block = "traceback", [line]
+                return ""
+            if line.startswith("WARNING: some comfy_extras/ nodes did not import correctly"):
+                self.kind, self.block = "summary", [line]
+                return ""
+            if line.startswith("torchaudio missing,"):
+                # 0.3.75's model files say which audio models cannot load ("torchaudio missing, ACE model will be broken")
+                return self.note()
+            if line.startswith("Cannot import ") and line.rstrip().endswith(self.MISSING):
+                self.audio_files.add(Path(line[len("Cannot import "):].split(" module for custom nodes")[0]).name)
+                return self.note()
+            return line
+        self.block.append(line)
+        if self.kind == "traceback" and line[:1] not in (" ", "\t", "") and not line.startswith("Traceback"):
+            # the exception line ends a traceback
+            return self.release(line.rstrip().endswith(self.MISSING))
+        if self.kind == "summary" and line.startswith("Please do a: pip install"):
+            listed = {entry.split("IMPORT FAILED:")[1].strip() for entry in self.block if "IMPORT FAILED:" in entry}
+            return self.release(bool(listed) and listed <= self.audio_files)
+        return ""
+
+    def release(self, hide: bool) -> str:
+        block, self.block, self.kind = self.block, [], None
+        return self.note() if hide else "".join(block)
+
+    def note(self) -> str:
+        if self.noted:
+            return ""
+        self.noted = True
+        return self.NOTE
+
+    def finish(self) -> str:
+        return self.release(False)
+
+
+def run_filtered(command: list[str]) -> int:
+    """Run ComfyUI with its output through MissingTorchaudioFilter; Ctrl+C reaches both, and its code is returned."""
+    environment = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               env=environment)
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, lambda *_: process.terminate())
+    # newline="" splits at "\r" too, so progress bars update as they are drawn
+    output = io.TextIOWrapper(process.stdout, encoding="utf-8", errors="replace", newline="")
+    log_filter = MissingTorchaudioFilter()
+    try:
+        for line in output:
+            sys.stdout.write(log_filter.feed(line))
+            sys.stdout.flush()
+        sys.stdout.write(log_filter.finish())
+        return process.wait()
+    except KeyboardInterrupt:
+        return process.wait()
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait()
+
+
+# --------------------------------------------------------------------------------------------------
 # Commands
 
 
@@ -438,6 +581,9 @@ def setup(with_browser: bool = True) -> Setup:
     ensure_pack_paths(host)
     if with_browser:
         ensure_browser()
+        if os.environ.get("AG_SKIP_BROWSER_TESTS") != "1":
+            for version in TEST_FRONTENDS:
+                ensure_frontend(interpreter, version)
     say(f"setup done in {time.monotonic() - started:.1f} s: ComfyUI {host}, Python {interpreter.version} {interpreter.python}")
     return Setup(host, interpreter)
 
@@ -461,8 +607,38 @@ def accelerator_available(python: Path) -> bool:
     return out.returncode == 0 and out.stdout.strip().endswith("True")
 
 
-def serve(extra_args: list[str]) -> None:
+@dataclass
+class ServeOptions:
+    frontend: str = BUNDLED_FRONTEND
+    full_log: bool = False
+
+
+def parse_serve_options(arguments: list[str]) -> tuple[ServeOptions, list[str]]:
+    """serve's own options, and the arguments for main.py: those after `--` and any other before it."""
+    parsed, passed_on = ServeOptions(), []
+    rest = list(arguments)
+    while rest:
+        argument = rest.pop(0)
+        if argument == "--":
+            passed_on += rest
+            break
+        if argument == "--frontend":
+            if not rest:
+                fail("serve --frontend needs a version: a comfyui-frontend-package release such as 1.58.1, or "
+                     f"{BUNDLED_FRONTEND!r} for the host environment's own.")
+            parsed.frontend = rest.pop(0)
+        elif argument.startswith("--frontend="):
+            parsed.frontend = argument.split("=", 1)[1]
+        elif argument == "--full-log":
+            parsed.full_log = True
+        else:
+            passed_on.append(argument)
+    return parsed, passed_on
+
+
+def serve(extra_args: list[str], options: ServeOptions = ServeOptions()) -> None:
     env = setup(with_browser=False)
+    front_end_root = None if options.frontend == BUNDLED_FRONTEND else ensure_frontend(env.interpreter, options.frontend)
     if not existing_checkpoints(env.host):
         say(f"checkpoint: none found in {env.host / 'models' / 'checkpoints'} nor {CHECKPOINTS}; writing the tiny demo checkpoint")
         run([env.interpreter.python, REPO / "scripts" / "tiny_checkpoint.py", "--comfyui", env.host, TINY_CHECKPOINT])
@@ -474,6 +650,9 @@ def serve(extra_args: list[str]) -> None:
     if not accelerator_available(env.interpreter.python):
         say("device: torch sees no GPU here; starting ComfyUI with --cpu")
         command.append("--cpu")
+    if front_end_root is not None:
+        say(f"frontend: {FRONTEND_PACKAGE} {options.frontend} from {front_end_root.relative_to(REPO)}")
+        command += ["--front-end-root", str(front_end_root)]
     command += extra_args
     say("$ " + " ".join(command))
     port = "8188"
@@ -482,6 +661,8 @@ def serve(extra_args: list[str]) -> None:
             port = value
     say(f"open http://127.0.0.1:{port} once ComfyUI says it is listening (Ctrl+C stops the server)")
     os.chdir(env.host)
+    if not options.full_log:
+        sys.exit(run_filtered(command))
     if sys.platform == "win32":
         sys.exit(subprocess.run(command).returncode)
     os.execv(command[0], command)
@@ -502,14 +683,16 @@ def main(argv: list[str]) -> None:
         print(__doc__.strip())
         sys.exit(0 if argv else 2)
     command, rest = argv[0], argv[1:]
+    if command == "serve":
+        options, main_arguments = parse_serve_options(rest)
+        serve(main_arguments, options)
+        return
     if rest and rest[0] == "--":
         rest = rest[1:]
     if command == "setup":
         if rest:
             fail(f"setup takes no arguments (got {' '.join(rest)})")
         setup()
-    elif command == "serve":
-        serve(rest)
     elif command == "test":
         test(rest)
     else:

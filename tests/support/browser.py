@@ -31,9 +31,18 @@ CHROMIUM_ARGS = [
 VIEWPORT = {"width": 1600, "height": 1000}
 APP_READY_TIMEOUT_MS = 180_000
 MISSING_NODES_DIALOG = '.p-dialog[aria-labelledby="global-missing-nodes"]'
-QUEUE_BUTTON = '[data-testid="queue-button"] button'
+# PrimeVue's dialogs (frontend 1.32) and Reka UI's (1.58: the template browser)
+DIALOG = '.p-dialog, [role="dialog"]'
+# 1.58 reports a missing node in a toast-like overlay above the canvas instead of a dialog
+ERROR_OVERLAY = '[data-testid="error-overlay"]'
+ERROR_OVERLAY_DISMISS = '[data-testid="error-overlay-dismiss"]'
+# 1.32: the button inside the queue split button; 1.58: the Run button itself
+QUEUE_BUTTON = '[data-testid="queue-button"] button, button[data-testid="queue-button"]'
 INFO_BUTTON = '[data-testid="info-button"]'
 NODE_DOCS = ".node-help-content"
+# 1.58 opens the node docs in the Info tab of the properties panel, which the info button does not close
+PROPERTIES_PANEL = '[data-testid="properties-panel"]'
+PROPERTIES_PANEL_TOGGLE = 'button[aria-label="Toggle properties panel"]'
 
 
 def find_chromium() -> str | None:
@@ -135,14 +144,28 @@ class ComfyPage:
 
     def open_dialogs(self) -> list[dict]:
         return self.page.evaluate(
-            "() => [...document.querySelectorAll('.p-dialog')].map(d => ({id: d.getAttribute('aria-labelledby'),"
-            " text: d.innerText.slice(0, 500)}))")
+            "(selector) => [...document.querySelectorAll(selector)].map(d => ({id: d.getAttribute('aria-labelledby'),"
+            " text: d.innerText.slice(0, 500)}))", DIALOG)
+
+    def error_overlays(self) -> list[str]:
+        """The texts of the error overlays above the canvas (1.58's missing-node report)."""
+        return self.page.evaluate("(selector) => [...document.querySelectorAll(selector)].map(o => o.innerText)",
+                                  ERROR_OVERLAY)
+
+    def reports(self) -> list[str]:
+        """Everything the frontend put up about the workflow: open dialogs and error overlays."""
+        return [f"dialog {d['id']}: {d['text']}" for d in self.open_dialogs()] + \
+            [f"overlay: {text}" for text in self.error_overlays()]
 
     def close_dialogs(self) -> None:
         for _ in range(3):
             if not self.open_dialogs():
-                return
+                break
             self.page.keyboard.press("Escape")
+            self.settle()
+        for button in self.page.locator(ERROR_OVERLAY_DISMISS).all():
+            button.click()
+        if self.error_overlays():
             self.settle()
 
     def graph_to_prompt(self) -> dict:
@@ -167,7 +190,9 @@ class ComfyPage:
             has_errors: !!n.has_errors,
             size: [n.size[0], n.size[1]], pos: [n.pos[0], n.pos[1]],
             widgets: (n.widgets || []).map(w => ({name: w.name, type: w.type, value: w.value,
-                                                  hidden: !!(w.hidden || (w.options && w.options.hidden))})),
+                                                  hidden: !!(w.hidden || (w.options && w.options.hidden)),
+                                                  linked: (n.inputs || []).some(i => i.widget && i.widget.name === w.name
+                                                                                     && i.link != null)})),
         })))"""))
 
     def set_widget(self, node_id: int, name: str, value) -> None:
@@ -228,7 +253,8 @@ class ComfyPage:
         """The selection toolbox's info button, as a user presses it: opens the selected node's page in the
         node docs panel and returns the panel's text once it has loaded, or closes the panel ("")."""
         was_open = self.page.locator(NODE_DOCS).count() > 0
-        self.page.locator(INFO_BUTTON).first.click()
+        in_panel = self.page.locator(PROPERTIES_PANEL).count() > 0
+        self.page.locator(PROPERTIES_PANEL_TOGGLE if was_open and in_panel else INFO_BUTTON).first.click()
         if was_open:
             self.page.wait_for_function("(selector) => !document.querySelector(selector)", arg=NODE_DOCS,
                                         timeout=timeout_ms)

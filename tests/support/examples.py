@@ -79,13 +79,15 @@ def at_test_size(prompt: dict) -> dict:
 
 
 @contextlib.contextmanager
-def example_server_running(work_dir: Path):
+def example_server_running(work_dir: Path, frontend=None):
     """The real ComfyUI server with the pack, the example models' stand-ins, their input images, and
-    user settings for the browser (no first-run template browser)."""
+    user settings for the browser (no first-run template browser); ``frontend`` (a
+    ``support.frontends.Frontend``) serves another frontend release than the host's."""
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     write_server_settings(work_dir / "user")
     write_example_input_images(work_dir / "input")
     config = write_example_model_folder(work_dir / "example_models")
-    with comfy_server_running(work_dir, extra_args=["--extra-model-paths-config", str(config)]) as server:
+    extra_args = ["--extra-model-paths-config", str(config), *(frontend.server_args() if frontend else [])]
+    with comfy_server_running(work_dir, extra_args=extra_args) as server:
         yield server
