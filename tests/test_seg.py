@@ -4,6 +4,7 @@ sampler path; against the reference pipeline's computation on a diffusers twin w
 go (non-square and odd grids, joint text-image attention), and chained with PAG and SAG."""
 import math
 
+import comfy.patcher_extension
 import pytest
 import torch
 
@@ -275,19 +276,20 @@ def test_scale_zero_and_outside_the_window_change_nothing():
     assert rel_err(denoise_once(seg(model, start_percent=0.5), positive, negative, x, sigma, 4.0), plain) > 1e-2
 
 
-def test_a_host_that_gives_no_token_grid_is_told_to_update(monkeypatch):
-    # ComfyUI 0.3.64 passes attention patches no activations_shape; a pack that drops it does the same
+def test_a_host_that_gives_no_token_grid_is_told_to_update():
+    # ComfyUI 0.3.64's SpatialTransformer sets no transformer_options["activations_shape"] (0.3.75 does,
+    # comfy/ldm/modules/attention.py): the forward's options here keep every key but that one
+    class OptionsWithoutGrid(dict):
+        def __setitem__(self, key, value):
+            if key != "activations_shape":
+                super().__setitem__(key, value)
+
+    def as_0_3_64(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        return executor(x, t, c_concat, c_crossattn, control, OptionsWithoutGrid(transformer_options), **kwargs)
+
     model = tiny("sd15")
-
-    def drop_grid(previous):
-        def attention(q, k, v, extra_options, **kwargs):
-            options = {key: value for key, value in extra_options.items() if key != "activations_shape"}
-            return previous(q, k, v, options, **kwargs)
-        return attention
-
     patched = seg(model)
-    for key, replacement in list(patched.model_options["transformer_options"]["patches_replace"]["attn1"].items()):
-        patched.set_model_attn1_replace(drop_grid(replacement), *key)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_0_3_64", as_0_3_64)
     positive, negative = make_conditioning("sd15", batch=1, seed=9)
     x, sigma = noisy_latent(model, 500)
     with pytest.raises(RuntimeError, match=r"SEG layers 'mid': this ComfyUI does not tell .* Update ComfyUI"):
