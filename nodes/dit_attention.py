@@ -216,10 +216,10 @@ class DiTAttention:
             return slice(image_tokens - count, image_tokens)
         if self.architecture == "video" and count != self.length:
             raise RuntimeError(
-                f"Self-Attention Guidance: {self.block.index_name} attends over {self.length} tokens, not the "
+                f"Attention guidance: {self.block.index_name} attends over {self.length} tokens, not the "
                 f"{'x'.join(map(str, grid))} video tokens of the latent: the model adds reference or context "
-                "latents to the sequence, and SAG cannot tell the video's own tokens apart there. Use PAG, or "
-                "run without those latents."
+                "latents to the sequence, and SAG (its map) and SEG (its blur) cannot tell the video's own tokens "
+                "apart there. Use PAG, or run without those latents."
             )
         return slice(self.text_tokens, self.text_tokens + count)
 
@@ -244,9 +244,10 @@ class DiTAttention:
             # HiDream E1 puts its edit image beside the generated one (the latent concatenated along the width,
             # comfy/ldm/hidream/model.py), so the generated image's tokens are not one block of the sequence
             raise RuntimeError(
-                f"Self-Attention Guidance: {self.block.index_name} has {image_tokens} image tokens, not the "
+                f"Attention guidance: {self.block.index_name} has {image_tokens} image tokens, not the "
                 f"{grid[0]}x{grid[1]} of the generated image: an edit image (HiDream E1) lies beside it, where SAG "
-                "cannot map the attention to the image. Use PAG on this model, or SAG without the edit image."
+                "(its map) and SEG (its blur) cannot lay the tokens out on the image. Use PAG on this model, or "
+                "SAG / SEG without the edit image."
             )
         return grid
 
