@@ -1,1 +1,2 @@
-"""Plumbing shared by SAG and PAG, in plain torch: layer specs, batch-row selection, schedules."""
+"""Plumbing shared by SAG, PAG and SEG, in plain torch: layer specs, layer token grids, batch-row selection,
+schedules."""

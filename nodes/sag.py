@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 from comfy_api.latest import io
 
+from ..guidance_core.layer_grid import token_grid
 from ..guidance_core.layer_spec import DiTLayout, LayerSpecError
 from ..guidance_core.rows import chunk_rows
 from ..guidance_core.schedule import validate_percent_window
-from ..sag_core import blur_under_mask, key_attention_mass, sag_guided, sag_mask, token_grid, validate_sag_inputs
+from ..sag_core import blur_under_mask, key_attention_mass, sag_guided, sag_mask, validate_sag_inputs
 from .attention_sites import (
     GUIDANCE_OPTIONS, chunk_ids, guidance_options, install_site_handler, require_own_queries, with_guidance_options,
 )
@@ -41,8 +42,8 @@ from .batched_pass import WRAPPER_KEY, as_own_entries, clear_after_sampling, is_
 from .dit_attention import install_dit_handler
 from .dit_handlers import key_mass_recorder
 from .dit_layout import attention_layout
-from .layer_choice import layers_in_use, log_once_per_run
 from .displacement import DisplacementGuard
+from .layer_choice import layers_in_use, log_once_per_run
 from .post_cfg_watch import PostCfgWatch
 from .sigma_window import SigmaWindow
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..guidance_core.layer_grid import token_grid
 from ..guidance_core.schedule import validate_percent_window
 from ..pag_core import pag_guided
-from ..sag_core import token_grid
 from ..seg_core import blur_queries, validate_seg_inputs
 from .dit_handlers import smoothed_queries
 from .dit_layout import attention_layout

@@ -18,23 +18,6 @@ from .blur import gaussian_blur_2d
 MASS_TOLERANCE = 1e-4
 
 
-def token_grid(activations_shape, tokens=None):
-    """``(h, w)`` of a layer's ``[b, c, h, w]`` activation shape, checked against ``tokens`` if given."""
-    if activations_shape is None or len(activations_shape) != 4:
-        raise ValueError(
-            f"activations_shape must be the layer's [b, c, h, w] (got {activations_shape!r}); SAG needs a "
-            "spatial self-attention layer of a UNet (ComfyUI sets transformer_options['activations_shape'] there "
-            "since late 2025: 0.3.75 does, 0.3.64 does not; update ComfyUI if it is missing)."
-        )
-    height, width = int(activations_shape[-2]), int(activations_shape[-1])
-    if tokens is not None and height * width != tokens:
-        raise ValueError(
-            f"the attention has {tokens} tokens but activations_shape {list(activations_shape)} gives an "
-            f"{height}x{width} grid ({height * width} tokens); choose a spatial self-attention layer."
-        )
-    return height, width
-
-
 def sag_mask(key_mass, grid_hw, threshold=1.0, tolerance=0.0):
     """Binary mask ``[b, 1, h, w]`` (key_mass's float dtype) of the keys with ``mass > threshold + tolerance``.
 

@@ -13,6 +13,7 @@ from diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusi
 )
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 
+from attention_guidance.guidance_core.layer_grid import token_grid
 from attention_guidance.sag_core import (
     MASS_TOLERANCE,
     attention_with_key_mass,
@@ -26,7 +27,6 @@ from attention_guidance.sag_core import (
     sag_degraded_x0,
     sag_guided,
     sag_mask,
-    token_grid,
     upsample_mask,
     validate_sag_inputs,
 )
