@@ -450,7 +450,7 @@ def workflows() -> list[Workflow]:
                 Node("negative", "CLIPTextEncode", (460, 600), {"text": NEGATIVE + ", static, still frame"},
                      {"clip": ("clip", 0)}, title="Negative prompt", size=(400, 130)),
                 Node("latent", "EmptyHunyuanLatentVideo", (460, 780),
-                     {"width": 832, "height": 480, "length": 33, "batch_size": 1}),
+                     {"width": 832, "height": 480, "length": 33, "batch_size": 1}, title="Empty video latent"),
                 Node("sampler", "KSampler", (900, 20),
                      {"seed": 42, "control_after_generate": "fixed", "steps": 30, "cfg": 6.0,
                       "sampler_name": "uni_pc", "scheduler": "simple", "denoise": 1.0},
