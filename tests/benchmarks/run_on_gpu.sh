@@ -21,12 +21,12 @@ export PYTHONPATH=/tmp/site COMFYUI_PATH="$PWD/.cache/gpu/comfyui" PYTHONUNBUFFE
 BENCH="python3 tests/benchmarks/bench_guidance.py --fp16"
 QUIET="^WARNING:root:torchaudio"
 status=0
-timeout 150 $BENCH --latent 64 --steps 8 --repeats 5 2>&1 | grep -v "$QUIET" | tee "$OUT/sd15_512.md" || status=1
+timeout 150 $BENCH --latent 64 --steps 8 --repeats 5 --batch 1 2 2>&1 | grep -v "$QUIET" | tee "$OUT/sd15_512.md" || status=1
 timeout 230 $BENCH --latent 64 --steps 8 --repeats 3 --batch 1 --compile 2>&1 | grep -v "$QUIET" | tee "$OUT/sd15_512_compile.md"
 if ! grep -q "^graphs compiled during" "$OUT/sd15_512_compile.md"; then
   status=1
   timeout 60 $BENCH --latent 64 --steps 8 --repeats 3 --batch 1 --compile --backend cudagraphs 2>&1 \
     | grep -v "$QUIET" | tee "$OUT/sd15_512_compile_cudagraphs.md"
 fi
-timeout 170 $BENCH --arch sdxl --latent 128 --steps 8 --repeats 5 --work-steps 0 2>&1 | grep -v "$QUIET" | tee "$OUT/sdxl_1024.md" || status=1
+timeout 170 $BENCH --arch sdxl --latent 128 --steps 8 --repeats 5 --batch 1 2 --work-steps 0 2>&1 | grep -v "$QUIET" | tee "$OUT/sdxl_1024.md" || status=1
 exit $status
