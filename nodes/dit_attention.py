@@ -72,9 +72,6 @@ IMAGE_STREAM = "dit_image_stream"  # NextDiT, HiDream: image-stream tokens of th
 LATENT_FRAMES = "dit_latent_frames"  # T of a [B, C, T, H, W] latent this forward runs on
 VIDEO_BLOCK = "dit_video_block"  # the video DiT block running now (a VideoBlockMark), set by our block replacement
 
-# architectures whose token grid is (frames, h, w)
-VIDEO_ARCHITECTURES = ("video", "hunyuan_video")
-
 # The host attention functions' parameters (attention_pytorch and the others, 0.3.75), positional order. Any
 # other keyword goes through to the previous override untouched; newer hosts add ``scale`` (the factor of QK^T)
 # and ``enable_gqa`` (fewer k/v heads than q heads), which our own computations honour, and
@@ -138,7 +135,7 @@ class DiTAttention:
     """
 
     def __init__(self, previous, func, values: dict, positional: int, block: DiTBlock, architecture: str,
-                 patch_size: int, text_tokens: int | None, joint: bool, image_first: bool = False):
+                 patch_size: int, text_tokens: int | None, joint: bool):
         self._previous = previous
         self._func = func
         self._values = values
@@ -148,7 +145,6 @@ class DiTAttention:
         self.patch_size = patch_size
         self._text_tokens = text_tokens
         self.joint = joint
-        self.image_first = image_first
 
     # what the call carries ---------------------------------------------------------------------------
     @property
@@ -175,6 +171,10 @@ class DiTAttention:
     def scale(self) -> float | None:
         """The factor of ``QK^T`` where the caller gives one (``scale``), else None: ``1 / sqrt(D)``."""
         return self._values.get("scale")
+
+    @property
+    def image_first(self) -> bool:
+        return ARCHITECTURES[self.architecture].image_first
 
     @property
     def options(self) -> dict:
@@ -229,7 +229,7 @@ class DiTAttention:
         latent_hw = guidance_options(self.options).get(LATENT_HW)
         if latent_hw is None:
             raise RuntimeError(f"Attention guidance: the latent size of this forward is unknown at {self.block.index_name}.")
-        if self.architecture in VIDEO_ARCHITECTURES:
+        if ARCHITECTURES[self.architecture].frames:
             frames = guidance_options(self.options).get(LATENT_FRAMES)
             grid = video_token_grid(self.patch_size, latent_hw if frames is None else (frames, *latent_hw))
         else:
@@ -281,7 +281,7 @@ class DiTAttention:
         """This call with other queries, given as ``[B, heads, L, D]``."""
         q = q_heads if self._values.get("skip_reshape") else q_heads.transpose(1, 2).reshape(self.q.shape)
         return DiTAttention(self._previous, self._func, dict(self._values, q=q), self._positional, self.block,
-                            self.architecture, self.patch_size, self._text_tokens, self.joint, self.image_first)
+                            self.architecture, self.patch_size, self._text_tokens, self.joint)
 
     def from_heads(self, out: torch.Tensor) -> torch.Tensor:
         """``[B, heads, L, D]`` in the layout the caller expects back."""
@@ -306,7 +306,7 @@ class DiTAttention:
             if mask is not None and mask.ndim >= 3 and mask.shape[0] == self.q.shape[0] and mask.shape[0] > 1:
                 values["mask"] = mask[chunk_rows(self.chunks, positions, mask.shape[0], mask.device)]
         return DiTAttention(self._previous, self._func, values, self._positional, self.block, self.architecture,
-                            self.patch_size, self._text_tokens, self.joint, self.image_first)
+                            self.patch_size, self._text_tokens, self.joint)
 
     def split(self, selected: Callable[[int], bool], on_selected: Callable[["DiTAttention"], torch.Tensor],
               on_rest: Callable[["DiTAttention"], torch.Tensor]) -> torch.Tensor:
@@ -475,13 +475,15 @@ class DiTArchitecture:
     ``locate(transformer_options)`` gives ``(block or None, text tokens or None, MMDiTBlockMark or None)`` for an
     attention call (a negative text count ``-n`` means the call's length less ``n``); ``install(model, layout,
     blocks)`` puts on the model (a clone) what lets ``locate`` name the chosen blocks; ``token_grid(patch size,
-    (H, W))`` is the image's token grid; ``image_first`` where the image stream comes before the text.
+    (H, W))`` is the image's token grid, or ``frames`` where it is ``(frames, h, w)`` (``video_token_grid``);
+    ``image_first`` where the image stream comes before the text.
     """
 
     locate: Callable[[dict], tuple]
     install: Callable[[object, DiTLayout, list], None]
     token_grid: Callable[[int, tuple], tuple] = _padded_grid
     image_first: bool = False
+    frames: bool = False
 
 
 ARCHITECTURES: dict[str, DiTArchitecture] = {
@@ -492,10 +494,9 @@ ARCHITECTURES: dict[str, DiTArchitecture] = {
     # HiDream's first double-stream block takes the image stream alone (image_tokens)
     "hidream": DiTArchitecture(_locate_marked, _install_marks("double_stream_blocks.0", "image_tokens"),
                                image_first=True),
-    # video architectures: the token grid is (frames, h, w) (DiTAttention.image_grid)
-    "video": DiTArchitecture(_locate_video, _install_video),
+    "video": DiTArchitecture(_locate_video, _install_video, frames=True),
     # HunyuanVideo marks and replaces its blocks as Flux does, and attends over cat(image, text)
-    "hunyuan_video": DiTArchitecture(_locate_flux, _install_flux, image_first=True),
+    "hunyuan_video": DiTArchitecture(_locate_flux, _install_flux, image_first=True, frames=True),
 }
 
 
@@ -529,11 +530,10 @@ def install_dit_handler(model, layout: DiTLayout, blocks: list[DiTBlock], handle
             if block not in chosen:
                 return previous(func, *args, **kwargs)
             values = dict(zip(_PARAMETERS, args), **kwargs)
-            call = DiTAttention(previous, func, values, len(args), block, architecture, patch_size, text_tokens, True,
-                                reach.image_first)
+            call = DiTAttention(previous, func, values, len(args), block, architecture, patch_size, text_tokens, True)
             if text_tokens is not None and text_tokens < 0:  # the call's length less the image stream
                 call = DiTAttention(previous, func, values, len(args), block, architecture, patch_size,
-                                    call.length + text_tokens, True, reach.image_first)
+                                    call.length + text_tokens, True)
             if isinstance(mark, VideoBlockMark):
                 # the block's first call with as many queries and keys as video tokens is its self-attention;
                 # the cross-attention to the text (and to Wan I2V's image embeddings) that follows is left alone
