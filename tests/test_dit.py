@@ -33,8 +33,9 @@ from attention_guidance.nodes.sag_preview import SAGMaskPreview
 from attention_guidance.nodes.unet_layout import UnsupportedModelError
 from attention_guidance.sag_core import blur_under_mask
 from support.dit_models import (
-    SD3Twin, build_dit, count_forwards, empty_dit_latent, make_dit_conditioning, noisy_dit_latent, sd3_cfg_reference, sd3_pag_reference,
+    SD3Twin, count_forwards, empty_dit_latent, make_dit_conditioning, noisy_dit_latent, sd3_cfg_reference, sd3_pag_reference,
 )
+from support.dit_models import tiny_dit as tiny
 from support.models import denoise_once, sample, short_of_memory
 
 FAMILIES = ["sd3", "sd35", "flux", "flux2", "chroma", "chroma_radiance", "qwen_image", "lumina2", "z_image", "hidream"]
@@ -65,13 +66,6 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-_MODELS: dict = {}
-
-
-def tiny(family):
-    if family not in _MODELS:
-        _MODELS[family] = build_dit(family, seed=0)
-    return _MODELS[family]
 
 
 @pytest.fixture(scope="module")

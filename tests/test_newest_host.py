@@ -20,16 +20,10 @@ import attention_guidance.nodes.dit_handlers as dit_handlers
 from attention_guidance.nodes.pag import PerturbedAttentionGuidance
 from attention_guidance.nodes.sag import SelfAttentionGuidance, with_sag_mask_probe
 from attention_guidance.nodes.sag_preview import SAGMaskPreview
-from support.dit_models import build_dit, empty_dit_latent, make_dit_conditioning, noisy_dit_latent
+from support.dit_models import empty_dit_latent, make_dit_conditioning, noisy_dit_latent
+from support.dit_models import tiny_dit as tiny
 from support.models import build_model, denoise_once, make_conditioning, sample
 
-_MODELS: dict = {}
-
-
-def tiny(family):
-    if family not in _MODELS:
-        _MODELS[family] = build_dit(family, seed=0)
-    return _MODELS[family]
 
 
 def pag(model, layers, scale=3.0):

@@ -24,7 +24,8 @@ from attention_guidance.nodes.dit_layout import dit_attention_layout
 from attention_guidance.nodes.pag import PerturbedAttentionGuidance
 from attention_guidance.nodes.sag import SelfAttentionGuidance, with_sag_mask_probe
 from attention_guidance.nodes.sag_preview import SAGMaskPreview
-from support.dit_models import build_dit, count_forwards, make_dit_conditioning, noisy_dit_latent
+from support.dit_models import count_forwards, make_dit_conditioning, noisy_dit_latent
+from support.dit_models import tiny_dit as tiny
 from support.models import denoise_once, short_of_memory
 
 VIDEO = ["wan21", "wan21_i2v", "wan22_ti2v", "hunyuan_video", "ltxv"]
@@ -37,13 +38,6 @@ CALLS_PER_BLOCK = {"wan21": 2, "wan21_i2v": 3, "wan22_ti2v": 2, "ltxv": 2}
 HEADS = 2
 TEXT_TOKENS = 7
 
-_MODELS: dict = {}
-
-
-def tiny(family):
-    if family not in _MODELS:
-        _MODELS[family] = build_dit(family, seed=0)
-    return _MODELS[family]
 
 
 def pag(model, layers, scale=3.0):

@@ -290,6 +290,17 @@ def build_dit(family: str, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
     )
 
 
+
+_TINY_DITS: dict = {}
+
+
+def tiny_dit(family: str) -> comfy.model_patcher.ModelPatcher:
+    """``build_dit(family, seed=0)``, built once per test session; the nodes clone it before patching."""
+    if family not in _TINY_DITS:
+        _TINY_DITS[family] = build_dit(family, seed=0)
+    return _TINY_DITS[family]
+
+
 def make_dit_conditioning(family: str, batch: int = 1, seed: int = 0, tokens: int = 7):
     """(positive, negative) CONDITIONING as the host's text encode nodes produce it for `family`.
 
