@@ -175,17 +175,19 @@ def test_the_template_browser_lists_the_pack_with_previews_and_opens_an_example(
     # the browser fills its list once it has fetched every pack's templates
     pack_entries.first.wait_for(timeout=60_000)
     pack_entries.first.click()
-    # The browser renders a card's preview only once the card is scrolled into view (two rows fit).
+    # The browser renders a card's preview only once the card is scrolled into view (two rows fit), and may
+    # drop cards scrolled out of view again: every preview seen loaded is collected while scrolling.
     comfy.page.wait_for_function(
-        "(n) => { const loaded = i => i && i.complete && i.naturalWidth > 0;"
+        "(names) => { const loaded = i => i && i.complete && i.naturalWidth > 0;"
+        " const seen = window.__agTemplatePreviews = window.__agTemplatePreviews || new Set();"
         " const cards = [...document.querySelectorAll('[role=dialog] [data-testid^=\"template-workflow-\"]')];"
         " const waiting = cards.filter(c => c.querySelector('[data-testid^=\"template-workflow-\"]') === null"
         "                                  && !loaded(c.querySelector('img')));"
         " if (waiting.length) waiting[0].scrollIntoView({block: 'center'});"
-        " return [...document.querySelectorAll('[role=dialog] img')].filter(loaded).length >= n; }",
-        arg=len(NAMES), timeout=60_000)
-    shown = comfy.page.evaluate("() => [...document.querySelectorAll('[role=dialog] img')]"
-                                ".filter(i => i.complete && i.naturalWidth > 0).map(i => i.alt)")
+        " for (const i of document.querySelectorAll('[role=dialog] img')) if (loaded(i)) seen.add(i.alt);"
+        " return names.every(n => seen.has(n)); }",
+        arg=NAMES, timeout=60_000)
+    shown = comfy.page.evaluate("() => [...window.__agTemplatePreviews]")
     assert sorted(shown) == NAMES
     comfy.screenshot(artifact(comfy, "template_browser.png"))
     dialog.locator(f'[data-testid="template-workflow-{UI_QUEUED_EXAMPLE}"]').click()
