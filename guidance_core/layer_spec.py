@@ -14,21 +14,25 @@ freely):
   ``mid_block``, ``down_blocks`` and ``up_blocks``.
 - the older diffusers form its docs still show: ``down.block_2``, ``up.block_1.attentions_0``.
 - the index syntax of the PAG paper's SD pipeline and of sd-perturbed-attention: ``d``/``m``/``u``
-  count the attention modules of the down, mid and up path in order (SD1.5: d0-d5, m0, u0-u8), an
-  optional ``.k`` picks transformer block k inside one (SDXL: ``m0.4``), and both take ranges:
+  count the attention modules of the down, mid and up path in order (d0-d5, m0, u0-u8 on a UNet with six
+  down and nine up attention modules), an optional ``.k`` picks transformer block k inside one (``m0.4``),
+  and both take ranges:
   ``d0-3`` (or ``d0-d3``), ``d2.2-9``.
 - the host's own block names: ``middle.0``, ``input.4``, ``output.3.1``.
 
-DiT models (SD3's MMDiT, Flux) have transformer blocks instead: ``DiTLayout`` at the end of this file
-(``joint.13``, ``double.7``, ``single.20``, diffusers' ``transformer_blocks.13``).
+DiT models have transformer blocks instead: ``DiTLayout`` at the end of this file (``joint.13``,
+``double.7``, ``single.20``, diffusers' ``transformer_blocks.13``); the model family registry
+(``patching/families``) gives each family's block kinds and their module names.
 
-Every layout carries its family's default choice per node kind (``default_layers("pag")``, with
+Every layout carries its family's default choice per method (``default_layers(Method.PAG)``, with
 ``default_source``), which the nodes' default input ``auto`` stands for.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from enum import Enum
+from typing import Mapping, Sequence
 
 _DIFFUSERS_PATH = {"input": "down_blocks", "middle": "mid_block", "output": "up_blocks"}
 _INDEX_LETTER = {"input": "d", "middle": "m", "output": "u"}
@@ -109,43 +113,57 @@ def select_sites(spec: str, sites: list, match, empty_message: str, missing_mess
 
 # The node input that stands for the family's default layers.
 AUTO = "auto"
-# Node kinds without a default of their own use another kind's: SEG perturbs attention where PAG does.
-_DEFAULT_KIND_FALLBACK = {"seg": "pag"}
-# The nodes' default specs before 'auto' (0.1.0), which saved workflows keep: on a UNet they are the
-# defaults below; on a DiT they never named a block, so there they stand for the family's default.
-LEGACY_DEFAULTS = {"pag": "mid", "sag": "m0.0"}
 
-UNET_DEFAULTS = {"pag": "mid", "sag": "m0.0"}
-UNET_DEFAULT_SOURCES = {
-    "pag": "diffusers' PAG default pag_applied_layers='mid' (the paper's SD1.5 'm0')",
-    "sag": "diffusers' StableDiffusionSAGPipeline and ComfyUI's SAG node: the middle block's first transformer",
-}
+
+class Method(str, Enum):
+    """A guidance method, as far as its layers are concerned: each family has a default per method."""
+
+    PAG = "pag"
+    SEG = "seg"
+    SAG = "sag"
+
+
+# Methods without a default of their own use another method's: SEG perturbs attention where PAG does.
+_DEFAULT_FALLBACK = {Method.SEG: Method.PAG}
+# The nodes' default specs before 'auto' (0.1.0), which saved workflows keep: on a UNet they are the
+# UNet defaults; on a DiT they never named a block, so there they stand for the family's default.
+LEGACY_DEFAULTS = {Method.PAG: "mid", Method.SAG: "m0.0"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerDefault:
+    """A family's default layer spec for one method, and where it comes from."""
+
+    spec: str
+    source: str
 
 
 class DefaultLayers:
-    """The family's default layer choice per node kind ("pag", "sag", ...), each with its source."""
+    """The family's default layer choice per method, each with its source."""
 
-    defaults: dict[str, str]
-    default_sources: dict[str, str]
+    defaults: Mapping[Method, LayerDefault]
     legacy_defaults_apply = False  # True on DiTs: the UNet defaults of 0.1.0 mean 'auto' there
 
-    def _kind(self, kind: str) -> str:
-        return kind if kind in self.defaults else _DEFAULT_KIND_FALLBACK.get(kind, "pag")
+    def _default(self, method: Method) -> LayerDefault:
+        method = Method(method)
+        if method not in self.defaults:
+            method = _DEFAULT_FALLBACK.get(method, Method.PAG)
+        return self.defaults[method]
 
-    def default_layers(self, kind: str) -> str:
-        """The spec ``auto`` stands for in a node of ``kind`` on this model."""
-        return self.defaults[self._kind(kind)]
+    def default_layers(self, method: Method) -> str:
+        """The spec ``auto`` stands for in a node of ``method`` on this model."""
+        return self._default(method).spec
 
-    def default_source(self, kind: str) -> str:
-        """Where ``default_layers(kind)`` comes from (published settings, or how it was chosen)."""
-        return self.default_sources[self._kind(kind)]
+    def default_source(self, method: Method) -> str:
+        """Where ``default_layers(method)`` comes from (published settings, or how it was chosen)."""
+        return self._default(method).source
 
-    def resolve(self, spec: str, kind: str) -> str:
-        """The spec a node of ``kind`` uses: ``auto`` is the family's default (as is, on a DiT, the UNet default
+    def resolve(self, spec: str, method: Method) -> str:
+        """The spec a node of ``method`` uses: ``auto`` is the family's default (as is, on a DiT, the UNet default
         a workflow saved before 'auto' carries); anything else is itself."""
         text = (spec or "").strip().lower()
-        if text == AUTO or (self.legacy_defaults_apply and text == LEGACY_DEFAULTS.get(kind)):
-            return self.default_layers(kind)
+        if text == AUTO or (self.legacy_defaults_apply and text == LEGACY_DEFAULTS.get(Method(method))):
+            return self.default_layers(method)
         return spec
 
 
@@ -173,11 +191,10 @@ def describe_sites(sites) -> str:
 
 
 class AttentionLayout(DefaultLayers):
-    """All self-attention sites of one model, in forward order (down, mid, up)."""
+    """All self-attention sites of one UNet, in forward order (down, mid, up), with its family's ``defaults``."""
 
-    def __init__(self, modules: list[AttentionModule]):
-        self.defaults = dict(UNET_DEFAULTS)
-        self.default_sources = dict(UNET_DEFAULT_SOURCES)
+    def __init__(self, modules: Sequence[AttentionModule], *, defaults: Mapping[Method, LayerDefault]):
+        self.defaults = dict(defaults)
         order = {"input": 0, "middle": 1, "output": 2}
         self.modules = sorted(modules, key=lambda m: (order[m.block], m.block_id))
         self.sites: list[AttentionSite] = []
@@ -267,55 +284,56 @@ class AttentionLayout(DefaultLayers):
 
 # --- DiT transformer blocks ------------------------------------------------------------------------
 #
-# A DiT's self-attention sites are its transformer blocks. Each kind of block has three spellings:
+# A DiT's self-attention sites are its transformer blocks. Blocks come in kinds, each with our short
+# name and the module list that holds them in the host and in diffusers (given per family by the
+# registry, as ``BlockKind``):
 #
-#   kind    short name  host module (ComfyUI)  diffusers module                    models
-#   joint   joint.13    joint_blocks.13        transformer_blocks.13(.attn)        SD3 / SD3.5 (MMDiT)
-#   double  double.7    double_blocks.7        transformer_blocks.7(.attn)         Flux, Chroma
-#   single  single.20   single_blocks.20       single_transformer_blocks.20(.attn) Flux, Chroma
-#   double  double.30   transformer_blocks.30  transformer_blocks.30(.attn)        Qwen-Image
-#   single  single.15   layers.15              layers.15(.attention / .attn)       Z-Image / Lumina 2 (NextDiT)
-#   double  double.8    double_stream_blocks.8 double_stream_blocks.8(.block.attn1) HiDream
-#   single  single.20   single_stream_blocks.20 single_stream_blocks.20(.block.attn1) HiDream
-#   double  double.2    double_blocks.2        transformer_blocks.2(.attn)         HunyuanVideo
-#   single  single.10   single_blocks.10       single_transformer_blocks.10(.attn) HunyuanVideo
-#   block   block.10    blocks.10              blocks.10(.attn1)                   Wan 2.1 / 2.2
-#   block   block.19    transformer_blocks.19  transformer_blocks.19(.attn1)       LTX-Video
+#   joint   blocks over cat(text, image) with a weight set per stream
+#   double  dual-stream blocks: text and image streams, one joint attention
+#   single  single-stream blocks over one joint sequence
+#   block   a video DiT's block: a video-only self-attention (attn1), then a cross-attention to the
+#           text (attn2), which guidance leaves alone
 #
-# (``block`` is a video DiT's block with a video-only self-attention, attn1, and a cross-attention to the
-# text, attn2, which guidance leaves alone.)
-#
-# (Flux and Chroma call their dual-stream blocks double_blocks; Qwen-Image's are the same kind of block,
-# which the host names "double" too, under transformer_blocks: a layout can give a kind another host path,
-# and another diffusers path and attention module name.)
-#
-# Accepted entries: a short name, a range of one kind (``single.0-9``), a kind alone (every block of
-# it), or a module path matched on whole dot-separated components of the host or diffusers name, as
-# for UNets (``transformer_blocks.13``, ``joint_blocks.13``, ``single_transformer_blocks.20.attn``).
-# diffusers' docs and SD3 PAG default write ``blocks.13`` / ``blocks.1``: a path may start with
-# ``blocks``, which stands for any ``*_blocks`` component, so on Flux it names the double and the
-# single block of that index, as diffusers' regex search would (without its ``blocks.1`` also
-# taking ``blocks.10``-``19``).
+# Accepted entries: a short name (``double.7``), a range of one kind (``single.0-9``), a kind alone
+# (every block of it), or a module path matched on whole dot-separated components of the host or
+# diffusers name, as for UNets (``transformer_blocks.13``, ``joint_blocks.13``,
+# ``single_transformer_blocks.20.attn``). diffusers' docs and PAG defaults write ``blocks.13``: a
+# path may start with ``blocks``, which stands for any ``*_blocks`` component, so where a model has two
+# kinds it names the block of that index of each, as diffusers' regex search would (without its
+# ``blocks.1`` also taking ``blocks.10``-``19``).
 
-_DIT_HOST_PATH = {"joint": "joint_blocks", "double": "double_blocks", "single": "single_blocks", "block": "blocks"}
-_DIT_DIFFUSERS_PATH = {"joint": "transformer_blocks", "double": "transformer_blocks", "single": "single_transformer_blocks",
-                       "block": "blocks"}
-# the diffusers attention module of a block that is guided, where it is not ``attn``
-_DIT_DIFFUSERS_ATTENTION = {"block": "attn1"}
+BLOCK_KINDS = ("joint", "double", "single", "block")
 _DIT_SHORT_RE = re.compile(r"^(joint|double|single|block)(?:\.(\d+)(?:-(\d+))?)?$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockKind:
+    """One kind of transformer block of a DiT: ``count`` blocks in the host's module list ``host_path`` and
+    diffusers' ``diffusers_path``, whose guided attention is diffusers' ``diffusers_attention``; ``note`` adds
+    a line to ``describe`` (e.g. which blocks have a second, image-only self-attention)."""
+
+    name: str
+    count: int
+    host_path: str
+    diffusers_path: str
+    diffusers_attention: str = "attn"
+    note: str | None = None
+
+    def __post_init__(self):
+        if self.name not in BLOCK_KINDS:
+            raise ValueError(f"block kind {self.name!r} is not one of {BLOCK_KINDS}")
 
 
 @dataclass(frozen=True)
 class DiTBlock:
     """One transformer block of a DiT, the unit attention guidance acts on."""
 
-    kind: str  # "joint" | "double" | "single"
+    kind: str  # one of BLOCK_KINDS
     index: int
-    # the host's and diffusers' module list and diffusers' attention module where they are not the kind's
-    # usual ones; not part of the block's identity
-    host_path: str | None = field(default=None, compare=False)
-    diffusers_path: str | None = field(default=None, compare=False)
-    diffusers_attention: str = field(default="attn", compare=False)
+    # the host's and diffusers' module list and diffusers' attention module; not part of the block's identity
+    host_path: str = field(compare=False, kw_only=True)
+    diffusers_path: str = field(compare=False, kw_only=True)
+    diffusers_attention: str = field(default="attn", compare=False, kw_only=True)
 
     @property
     def index_name(self) -> str:
@@ -323,68 +341,58 @@ class DiTBlock:
 
     @property
     def host_name(self) -> str:
-        return f"{self.host_path or _DIT_HOST_PATH[self.kind]}.{self.index}"
+        return f"{self.host_path}.{self.index}"
 
     @property
     def diffusers_name(self) -> str:
-        return f"{self.diffusers_path or _DIT_DIFFUSERS_PATH[self.kind]}.{self.index}.{self.diffusers_attention}"
+        return f"{self.diffusers_path}.{self.index}.{self.diffusers_attention}"
+
+
+def middle_block_defaults(kinds: Sequence[BlockKind]) -> dict[Method, LayerDefault]:
+    """The middle block of the largest kind, for a family with nothing published."""
+    largest = max(kinds, key=lambda kind: kind.count)
+    spec = f"{largest.name}.{largest.count // 2}"
+    source = "none published for this family: the middle block"
+    return {Method.PAG: LayerDefault(spec=spec, source=source), Method.SAG: LayerDefault(spec=spec, source=source)}
 
 
 class DiTLayout(DefaultLayers):
     """The transformer blocks of one DiT, in forward order.
 
-    ``family`` names the model in messages (e.g. "SD3", "Flux"); ``architecture`` is the node's key for
-    how to reach the blocks (see nodes/dit_attention.py); ``depths`` maps each kind to its block count, in
-    forward order; ``notes`` adds a line per kind to ``describe`` (e.g. which blocks have a second,
-    image-only self-attention); ``host_paths`` / ``diffusers_paths`` give a kind's module list where it is
-    not the usual one (Qwen-Image's double blocks are its ``transformer_blocks``) and ``diffusers_attention``
-    its attention module in diffusers (``attn``). ``defaults`` is the family's default spec per node kind
-    ("pag", "sag"; other kinds use PAG's), ``default_sources`` says where each comes from; without them the
-    middle block of the largest kind, for which nothing is published.
+    ``family`` names the model in messages; ``kinds`` are its block kinds in forward
+    order; ``defaults`` is the family's default spec per method (SEG uses PAG's), each with its source.
     """
 
     legacy_defaults_apply = True
 
-    def __init__(self, family: str, architecture: str, depths: dict[str, int], notes: dict[str, str] | None = None,
-                 host_paths: dict[str, str] | None = None, defaults: dict[str, str] | None = None,
-                 default_sources: dict[str, str] | None = None, diffusers_paths: dict[str, str] | None = None,
-                 diffusers_attention: dict[str, str] | None = None):
+    def __init__(self, *, family: str, kinds: Sequence[BlockKind], defaults: Mapping[Method, LayerDefault] | None = None):
         self.family = family
-        self.architecture = architecture
-        self.depths = dict(depths)
-        self.notes = dict(notes or {})
-        self.host_paths = {kind: (host_paths or {}).get(kind, _DIT_HOST_PATH[kind]) for kind in self.depths}
-        self.diffusers_paths = {kind: (diffusers_paths or {}).get(kind, _DIT_DIFFUSERS_PATH[kind])
-                                for kind in self.depths}
-        attention = {kind: (diffusers_attention or {}).get(kind, _DIT_DIFFUSERS_ATTENTION.get(kind, "attn"))
-                     for kind in self.depths}
+        self.kinds = tuple(kinds)
+        self.depths = {kind.name: kind.count for kind in self.kinds}
+        self.host_paths = {kind.name: kind.host_path for kind in self.kinds}
+        self.diffusers_paths = {kind.name: kind.diffusers_path for kind in self.kinds}
         self.sites: list[DiTBlock] = [
-            DiTBlock(kind, i, self.host_paths[kind], self.diffusers_paths[kind], attention[kind])
-            for kind, n in self.depths.items() for i in range(n)
+            DiTBlock(kind.name, i, host_path=kind.host_path, diffusers_path=kind.diffusers_path,
+                     diffusers_attention=kind.diffusers_attention)
+            for kind in self.kinds for i in range(kind.count)
         ]
-        if defaults is None:
-            kind, n = max(self.depths.items(), key=lambda item: item[1])
-            defaults = {"pag": f"{kind}.{n // 2}", "sag": f"{kind}.{n // 2}"}
-            default_sources = {k: "none published for this family: the middle block" for k in defaults}
-        self.defaults = dict(defaults)
-        self.default_sources = dict(default_sources or {})
+        self.defaults = dict(defaults) if defaults is not None else middle_block_defaults(self.kinds)
 
     def describe(self) -> str:
         """The blocks of this model in all three spellings, one kind per line."""
         lines = []
-        for kind, n in self.depths.items():
-            if n == 0:
+        for kind in self.kinds:
+            if kind.count == 0:
                 continue
-            indices = "0" if n == 1 else f"0-{n - 1}"
-            line = (f"  {kind}.{indices} = {self.diffusers_paths[kind]}.{indices} "
-                    f"(host {self.host_paths[kind]}.{indices})")
-            if kind in self.notes:
-                line += f"; {self.notes[kind]}"
+            indices = "0" if kind.count == 1 else f"0-{kind.count - 1}"
+            line = f"  {kind.name}.{indices} = {kind.diffusers_path}.{indices} (host {kind.host_path}.{indices})"
+            if kind.note:
+                line += f"; {kind.note}"
             lines.append(line)
         return "\n".join(lines)
 
     def _examples(self) -> tuple[str, str]:
-        """A block and a range of this model, for messages: ('joint.12', 'joint.12-23')."""
+        """A block and a range of this model, for messages: ('joint.12', 'joint.0-23')."""
         kind, n = max(self.depths.items(), key=lambda item: item[1])
         return f"{kind}.{n // 2}", f"{kind}.0-{n - 1}"
 

@@ -1,4 +1,5 @@
-"""Node schemas and the glue into the host's ModelPatcher: the only code that imports comfy."""
+"""The node faces: one module per node (schema, validation into a settings value, execute). The glue into the
+host is in ``patching``."""
 from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io

@@ -1,6 +1,7 @@
-"""PAG's perturbed self-attention for joint text-image attention (SD3 MMDiT, Flux), in plain torch.
+"""PAG's perturbed self-attention for joint text-image attention (one softmax over text and image tokens),
+in plain torch.
 
-diffusers' SD3 PAG (``PAGJointAttnProcessor2_0`` / ``PAGCFGJointAttnProcessor2_0``,
+diffusers' joint-attention PAG (``PAGJointAttnProcessor2_0`` / ``PAGCFGJointAttnProcessor2_0``,
 diffusers/models/attention_processor.py, 0.42) runs the perturbed rows through
 ``scaled_dot_product_attention`` over the joint sequence ``[image, text]`` with an additive mask that
 is -inf on the image-image block except its diagonal and 0 everywhere else. So:
@@ -12,9 +13,9 @@ is -inf on the image-image block except its diagonal and 0 everywhere else. So:
 With no text tokens (an image-only self-attention) that is the paper's identity map: every token
 keeps its own value.
 
-Here the sequence is text first, the host's order (MMDiT, Flux and NextDiT attend over ``cat(text, image)``);
-attention is permutation-equivariant, so the order does not change any token's result, and a sequence
-``[image, text]`` (HiDream) is rotated to text first and back (``image_first_to_text_first``). The image rows
+Here the sequence is text first, the order most of the host's DiTs use (``cat(text, image)``); attention is
+permutation-equivariant, so the order does not change any token's result, and a sequence ``[image, text]``
+is rotated to text first and back (``joint_identity_attention_text_last``). The image rows
 are computed from the 1 + T scores they have, in chunks of queries, never from an L x L mask.
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ def additive_mask(mask, like: torch.Tensor):
 
 def joint_identity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_tokens: int, mask=None,
                              query_chunk: int | None = None, scale: float | None = None) -> torch.Tensor:
-    """Joint attention of PAG's perturbed branch, as diffusers' SD3 PAG processors compute it.
+    """Joint attention of PAG's perturbed branch, as diffusers' joint-attention PAG processors compute it.
 
     Args:
         q, k, v: ``[B, heads, L, D]`` (``v`` may have its own ``D``), text tokens at ``[0, text_tokens)``,
@@ -98,8 +99,8 @@ def joint_identity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 def joint_identity_attention_text_last(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_tokens: int,
                                        mask=None, scale: float | None = None) -> torch.Tensor:
-    """``joint_identity_attention`` for a sequence with the text after the image tokens (HunyuanVideo and HiDream
-    attend over ``cat(image, text)``): the same rows, computed on the sequence rotated to text first and rotated
+    """``joint_identity_attention`` for a sequence with the text after the image tokens (``cat(image, text)``):
+    the same rows, computed on the sequence rotated to text first and rotated
     back (attention is permutation-equivariant, so no token's result depends on the order)."""
     if not text_tokens:
         return joint_identity_attention(q, k, v, 0, mask, scale=scale)

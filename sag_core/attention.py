@@ -1,11 +1,11 @@
-"""Self-attention together with the attention mass each key receives, for the SAG mask.
+"""The attention mass each key token receives, for the SAG mask.
 
 SAG's mask (diffusers ``sag_masking``, ComfyUI ``create_blur_map``) is
 ``probs.reshape(b, heads, Q, K).mean(heads).sum(queries)``: per key token, the total softmax weight it
 receives from all queries, averaged over heads. Every softmax row sums to 1, so the key mass sums to
 ``Q`` per image and averages 1.0 per key.
 
-Inputs are laid out as a ComfyUI attention replacement receives them: ``q, k, v`` of shape
+Inputs are laid out as a ComfyUI attention replacement receives them: ``q, k`` of shape
 ``[B, L, heads * dim_head]``, already projected. The scores are computed in float32 whatever the
 input dtype, in chunks of queries, so the ``[B, heads, Q, K]`` matrix is never held at once: only
 ``[B, heads, query_chunk, K]``.
@@ -50,7 +50,17 @@ def _query_chunk(query_chunk, batch, heads, queries, keys):
     return max(1, min(queries, DEFAULT_CHUNK_BYTES // per_query))
 
 
-def _attention(q, k, v, heads, query_chunk, with_output, scale=None):
+def key_attention_mass(q, k, heads, query_chunk=None, scale=None):
+    """Per-key attention mass ``[B, K]`` (float32): the softmax weight each key receives from all queries,
+    summed over queries and averaged over heads (diffusers' ``sag_masking``, ComfyUI's ``create_blur_map``).
+
+    Args:
+        q, k: ``[B, L, heads * dim_head]``.
+        heads: number of heads.
+        query_chunk: queries per block; ``None`` picks the largest block whose float32 scores fit in
+            ``DEFAULT_CHUNK_BYTES``.
+        scale: the factor of ``QK^T`` (the caller's own, where it gives one); None is ``1 / sqrt(dim_head)``.
+    """
     _check_inputs(q, k, heads, query_chunk)
     q_heads = _split_heads(q, heads, "q")
     k_heads = _split_heads(k, heads, "k").float()
@@ -58,43 +68,8 @@ def _attention(q, k, v, heads, query_chunk, with_output, scale=None):
     keys = k_heads.shape[2]
     scale = 1.0 / math.sqrt(dim_head) if scale is None else scale
     chunk = _query_chunk(query_chunk, batch, heads, queries, keys)
-
     key_mass = torch.zeros(batch, heads, keys, dtype=torch.float32, device=q.device)
-    if with_output:
-        if v.shape[:2] != k.shape[:2]:
-            raise ValueError(f"v {tuple(v.shape)} must have the same batch size and token count as k {tuple(k.shape)}.")
-        v_heads = _split_heads(v, heads, "v").float()
-        out = torch.empty(batch, heads, queries, v_heads.shape[-1], dtype=q.dtype, device=q.device)
     for start in range(0, queries, chunk):
         scores = torch.matmul(q_heads[:, :, start:start + chunk].float(), k_heads.transpose(-1, -2)) * scale
-        probs = scores.softmax(dim=-1)
-        key_mass += probs.sum(dim=2)
-        if with_output:
-            out[:, :, start:start + chunk] = torch.matmul(probs, v_heads).to(q.dtype)
-    key_mass = key_mass.mean(dim=1)
-    if not with_output:
-        return key_mass
-    return out.transpose(1, 2).reshape(batch, queries, -1), key_mass
-
-
-def attention_with_key_mass(q, k, v, heads, query_chunk=None, scale=None):
-    """Multi-head attention output and per-key attention mass in one pass.
-
-    Args:
-        q, k, v: ``[B, L, heads * dim_head]`` (``v`` may have its own ``dim_head``).
-        heads: number of heads.
-        query_chunk: queries per block; ``None`` picks the largest block whose float32 scores fit in
-            ``DEFAULT_CHUNK_BYTES``. The results do not depend on it beyond float rounding.
-        scale: the factor of ``q k^T`` where the caller gives its own; None is ``1 / sqrt(dim_head)``.
-
-    Returns:
-        ``(out, key_mass)``: ``out`` is ``softmax(q k^T / sqrt(dim_head)) v`` as ``[B, Lq, heads * dim_v]``
-        in ``q``'s dtype; ``key_mass`` is float32 ``[B, Lk]``, the mean over heads of the sum over
-        queries of the softmax probabilities.
-    """
-    return _attention(q, k, v, heads, query_chunk, with_output=True, scale=scale)
-
-
-def key_attention_mass(q, k, heads, query_chunk=None, scale=None):
-    """Only the float32 ``[B, Lk]`` key mass of ``attention_with_key_mass``."""
-    return _attention(q, k, None, heads, query_chunk, with_output=False, scale=scale)
+        key_mass += scores.softmax(dim=-1).sum(dim=2)
+    return key_mass.mean(dim=1)

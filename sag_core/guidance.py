@@ -2,7 +2,7 @@
 
 Notation: ``x`` the sampler's input at noise level ``sigma``; ``x0_ref`` the denoised prediction of the
 branch SAG degrades (uncond with CFG, cond without); ``degraded_x0`` its blurred-under-mask version
-(``mask.sag_degraded_x0``); ``x_deg`` = ``degraded_x0`` re-noised with the same noise as ``x``;
+(``mask.blur_under_mask``); ``x_deg`` = ``degraded_x0`` re-noised with the same noise as ``x``;
 ``degraded_denoised`` the model's denoised prediction at ``x_deg``; ``cfg_x0`` the CFG result.
 
 Paper (Hong et al. 2210.00939, Eq. 25 with CFG) in noise space:
@@ -25,44 +25,20 @@ paper's term minus ``s * (1 - abar) * (x0_ref - degraded_x0)``. This pack follow
 (noise-space guidance, the formula above) for every parameterisation; it therefore differs from
 diffusers on v-prediction models by that term (up to 0.85 in the reference notes' tiny model).
 
-Re-noising, in the node: recover the noise of ``x`` through the model's own parameterisation and
+Re-noising, in the patch (``patching/sag.py``): recover the noise of ``x`` through the model's own parameterisation and
 call the host's ``model_sampling.noise_scaling(sigma, eps_ref, degraded_x0)``. Written out:
 
 - eps / v models (ComfyUI's VE coordinates ``x = x0 + sigma * eps``, ``x_VE = x_VP / sqrt(abar)``,
   ``sigma = sqrt((1 - abar) / abar)``): ``eps_ref = (x - x0_ref) / sigma`` and
-  ``x_deg = x + (degraded_x0 - x0_ref)`` (``renoise_ve``; ComfyUI core's ``degraded + x - uncond_pred``).
+  ``x_deg = x + (degraded_x0 - x0_ref)`` (ComfyUI core's ``degraded + x - uncond_pred``).
 - flow models (ComfyUI ``CONST``: ``x = (1 - sigma) * x0 + sigma * eps``):
   ``eps_ref = (x - (1 - sigma) * x0_ref) / sigma`` and
-  ``x_deg = x + (1 - sigma) * (degraded_x0 - x0_ref)`` (``renoise_flow``). The VE form would be off
+  ``x_deg = x + (1 - sigma) * (degraded_x0 - x0_ref)``. The VE form would be off
   by ``sigma * (degraded_x0 - x0_ref)`` there.
 """
-import torch
 
 
 def sag_guided(cfg_x0, degraded_x0, degraded_denoised, scale):
     """SAG applied to the CFG result in x0 space: ``cfg_x0 + scale * (degraded_x0 - degraded_denoised)``."""
     # Paper Eq. 25 (eps_cfg + s * (eps_ref - eps(x_deg))) rewritten in x0 space, see the module docstring.
     return cfg_x0 + scale * (degraded_x0 - degraded_denoised)
-
-
-def _per_sample(sigma, like):
-    sigma = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
-    if sigma.numel() == 1:
-        return sigma.reshape(())
-    if sigma.ndim != 1 or sigma.shape[0] != like.shape[0]:
-        raise ValueError(
-            f"sigma must be a number or a [batch] tensor with batch {like.shape[0]} (got shape {tuple(sigma.shape)})."
-        )
-    return sigma.reshape((-1,) + (1,) * (like.ndim - 1))
-
-
-def renoise_ve(degraded_x0, x, x0_ref):
-    """Re-noise ``degraded_x0`` with the noise of ``x`` in VE coordinates (eps and v models)."""
-    # x = x0_ref + sigma * eps  =>  x_deg = degraded_x0 + sigma * eps = x + (degraded_x0 - x0_ref)
-    return x + (degraded_x0 - x0_ref)
-
-
-def renoise_flow(degraded_x0, x, x0_ref, sigma):
-    """Re-noise ``degraded_x0`` with the noise of ``x`` for flow models (``x = (1 - sigma) x0 + sigma eps``)."""
-    # x_deg = (1 - sigma) * degraded_x0 + sigma * eps = x + (1 - sigma) * (degraded_x0 - x0_ref)
-    return x + (1 - _per_sample(sigma, x)) * (degraded_x0 - x0_ref)

@@ -36,7 +36,8 @@ def sag_mask(key_mass, grid_hw, threshold=1.0, tolerance=0.0):
 
 
 def upsample_mask(mask, latent_hw):
-    """Nearest-neighbour resize of a ``[b, 1, h, w]`` mask to the latent's ``(H, W)`` (F.interpolate default)."""
+    """Nearest-neighbour resize of a ``[b, 1, h, w]`` mask to the latent's ``(H, W)`` (or a ``[b, 1, t, h, w]`` one
+    to ``(T, H, W)``), F.interpolate's default mode."""
     return F.interpolate(mask, size=tuple(int(s) for s in latent_hw), mode="nearest")
 
 
@@ -52,14 +53,3 @@ def blur_under_mask(x0, mask, kernel_size=9, sigma=1.0):
         )
     mask = mask.to(dtype=x0.dtype, device=x0.device)
     return gaussian_blur_2d(x0, kernel_size, sigma) * mask + x0 * (1 - mask)
-
-
-def sag_degraded_x0(x0, key_mass, grid_hw, threshold=1.0, kernel_size=9, sigma=1.0, tolerance=0.0):
-    """The whole SAG degradation of x0: mask from the key mass, upsampled to the latent, blur under it."""
-    if key_mass.shape[0] != x0.shape[0]:
-        raise ValueError(
-            f"key_mass has {key_mass.shape[0]} rows but x0 has batch {x0.shape[0]}; take the attention rows of "
-            "the same cond/uncond chunk as x0."
-        )
-    mask = upsample_mask(sag_mask(key_mass, grid_hw, threshold, tolerance), x0.shape[-2:])
-    return blur_under_mask(x0, mask, kernel_size, sigma)

@@ -29,6 +29,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..guidance_core.gaussian import gaussian_kernel_1d
+
 # reference SEGCFGSelfAttnProcessor(inf_blur_threshold=9999.0); diffusers' seg_blur_threshold_inf
 INFINITE_BLUR_SIGMA = 9999.0
 
@@ -62,23 +64,16 @@ def validate_seg_inputs(scale: float, blur_sigma: float) -> None:
         )
 
 
-def _gaussian_taps(kernel_size: int, sigma: float, device) -> torch.Tensor:
-    half = (kernel_size - 1) * 0.5
-    offsets = torch.linspace(-half, half, steps=kernel_size, dtype=torch.float32, device=device)
-    pdf = torch.exp(-0.5 * (offsets / sigma).pow(2))
-    return pdf / pdf.sum()
-
-
 def _blur_planes(planes: torch.Tensor, sigma: float) -> torch.Tensor:
     """``[N, 1, h, w]`` blurred along each axis with the reference kernel clamped to that axis."""
     height, width = planes.shape[-2:]
     kernel_size = seg_kernel_size(sigma)
     size_h, size_w = grid_kernel_size(kernel_size, height), grid_kernel_size(kernel_size, width)
     if size_h > 1:
-        taps = _gaussian_taps(size_h, sigma, planes.device)
+        taps = gaussian_kernel_1d(size_h, sigma, device=planes.device)
         planes = F.conv2d(F.pad(planes, [0, 0, size_h // 2, size_h // 2], mode="reflect"), taps.view(1, 1, -1, 1))
     if size_w > 1:
-        taps = _gaussian_taps(size_w, sigma, planes.device)
+        taps = gaussian_kernel_1d(size_w, sigma, device=planes.device)
         planes = F.conv2d(F.pad(planes, [size_w // 2, size_w // 2, 0, 0], mode="reflect"), taps.view(1, 1, 1, -1))
     return planes
 

@@ -24,13 +24,14 @@ from diffusers import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import attention_guidance.nodes.dit_handlers as dit_handlers
+import attention_guidance.patching.pag as dit_handlers
 from attention_guidance.guidance_core.layer_spec import LayerSpecError
-from attention_guidance.nodes.dit_layout import attention_layout, dit_attention_layout
+from attention_guidance.patching.families import recognise
 from attention_guidance.nodes.pag import PerturbedAttentionGuidance
-from attention_guidance.nodes.sag import SelfAttentionGuidance, with_sag_mask_probe
+from attention_guidance.nodes.sag import SelfAttentionGuidance
+from attention_guidance.patching.sag import with_sag_mask_probe
 from attention_guidance.nodes.sag_preview import SAGMaskPreview
-from attention_guidance.nodes.unet_layout import UnsupportedModelError
+from attention_guidance.patching.families import UnsupportedModelError
 from attention_guidance.sag_core import blur_under_mask
 from support.dit_models import (
     SD3Twin, count_forwards, empty_dit_latent, make_dit_conditioning, noisy_dit_latent, sd3_cfg_reference, sd3_pag_reference,
@@ -191,14 +192,14 @@ def full_size(which):
                                             load_device=cpu, offload_device=cpu)
 
 
-DIT_LAYOUTS = {which: dit_attention_layout(full_size(which)) for which in FULL_SIZE}
+DIT_LAYOUTS = {which: recognise(full_size(which), "test").layout for which in FULL_SIZE}
 
 
 @pytest.mark.parametrize("which", FULL_SIZE)
 @pytest.mark.filterwarnings("ignore:`FluxPosEmbed` is deprecated:FutureWarning")  # inside diffusers' Chroma
 def test_every_block_name_is_a_module_of_the_host_and_of_diffusers(which):
     patcher = full_size(which)
-    layout = dit_attention_layout(patcher)
+    layout = recognise(patcher, "test").layout
     host_modules = dict(patcher.model.diffusion_model.named_modules())
     with torch.device("meta"):
         diffusers_modules = dict(FULL_SIZE[which][3]().named_modules())
@@ -300,7 +301,7 @@ def test_a_family_that_cannot_be_patched_is_refused_by_name(node):
     cpu = torch.device("cpu")
     patcher = comfy.model_patcher.ModelPatcher(aura, load_device=cpu, offload_device=cpu)
     with pytest.raises(UnsupportedModelError) as error:
-        attention_layout(patcher, node)
+        recognise(patcher, node)
     message = str(error.value)
     assert node in message and "AuraFlow" in message and "nothing" in message
     assert all(family in message for family in ("SD1.x", "SDXL", "SD3", "Flux", "Chroma", "Qwen-Image", "Z-Image",
@@ -677,7 +678,7 @@ def test_unet_defaults_are_the_ones_saved_workflows_carry():
     from support.real_architectures import meta_model
 
     for architecture in ("sd15", "sdxl"):
-        layout = attention_layout(meta_model(architecture), "test")
+        layout = recognise(meta_model(architecture), "test").layout
         assert layout.resolve("auto", "pag") == "mid" and layout.resolve("auto", "sag") == "m0.0"
         assert layout.resolve("mid", "pag") == "mid" and layout.resolve("u0", "pag") == "u0"
         assert "diffusers" in layout.default_source("pag") and "diffusers" in layout.default_source("sag")

@@ -23,9 +23,9 @@ SDXL_DIFFUSERS = dict(
 def _layout(architecture: str) -> AttentionLayout:
     """The layout the node sees: the node's own discovery code on the full-size host model, built on
     the meta device (no weights)."""
-    from attention_guidance.nodes.unet_layout import unet_attention_layout
+    from attention_guidance.patching.families import recognise
 
-    return unet_attention_layout(meta_model(architecture), "test")
+    return recognise(meta_model(architecture), "test").layout
 
 
 def _diffusers_self_attention_names(config) -> list[str]:

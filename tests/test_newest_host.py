@@ -16,9 +16,11 @@ import nodes as host_nodes
 import pytest
 import torch
 
-import attention_guidance.nodes.dit_handlers as dit_handlers
+import attention_guidance.patching.pag as pag_patch
+import attention_guidance.patching.sag as sag_patch
 from attention_guidance.nodes.pag import PerturbedAttentionGuidance
-from attention_guidance.nodes.sag import SelfAttentionGuidance, with_sag_mask_probe
+from attention_guidance.nodes.sag import SelfAttentionGuidance
+from attention_guidance.patching.sag import with_sag_mask_probe
 from attention_guidance.nodes.sag_preview import SAGMaskPreview
 from support.dit_models import empty_dit_latent, make_dit_conditioning, noisy_dit_latent
 from support.dit_models import tiny_dit as tiny
@@ -244,6 +246,7 @@ def attn1_replaced_after(model, key):
 def handler_calls(node):
     """How often the node's own computation ran in a DiT block: PAG's perturbed attention, SAG's key mass."""
     name = "joint_identity_attention" if node == "pag" else "key_attention_mass"
+    dit_handlers = pag_patch if node == "pag" else sag_patch
     real = getattr(dit_handlers, name)
     calls = [0]
 

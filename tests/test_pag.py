@@ -9,7 +9,7 @@ import torch
 from comfy_extras.nodes_pag import PerturbedAttentionGuidance as HostPAG
 
 from attention_guidance.nodes.pag import PerturbedAttentionGuidance
-from attention_guidance.nodes.unet_layout import UnsupportedModelError
+from attention_guidance.patching.families import UnsupportedModelError
 from support.diffusers_twin import make_twin, pag_reference
 from support.models import (
     build_model, count_model_calls, denoise_once, dual_cfg_guider, make_conditioning, sample, short_of_memory,

@@ -13,7 +13,7 @@ import comfy.samplers
 import pytest
 import torch
 
-import attention_guidance.nodes.sag as sag_node
+import attention_guidance.patching.sag as sag_node
 from comfy_extras.nodes_custom_sampler import Guider_Basic
 from comfy_extras.nodes_easycache import EasyCacheNode
 from comfy_extras.nodes_freelunch import FreeU_V2
@@ -24,8 +24,9 @@ from comfy_extras.nodes_sag import SelfAttentionGuidance as HostSAG
 from comfy_extras.nodes_tomesd import TomePatchModel
 
 from attention_guidance.nodes.pag import PerturbedAttentionGuidance
-from attention_guidance.nodes.sag import SelfAttentionGuidance, with_sag_mask_probe
-from attention_guidance.nodes.unet_layout import unet_attention_layout
+from attention_guidance.nodes.sag import SelfAttentionGuidance
+from attention_guidance.patching.sag import with_sag_mask_probe
+from attention_guidance.patching.families import recognise
 from support.dit_models import build_dit, make_dit_conditioning
 from support.models import (
     _MODEL_CLASSES, HEADS, UNET_CONFIGS, build_model, cfg_term, count_model_calls, denoise_once, dual_cfg_guider,
@@ -291,7 +292,7 @@ def _pair_indexed_attn2_pack(model, seed):
         return attention(q, k, v, heads) + attention(q, extra, extra, heads)
 
     foreign = model.clone()
-    for site in unet_attention_layout(model, "test").sites:
+    for site in recognise(model, "test").layout.sites:
         foreign.set_model_attn2_replace(attention_with_extra_tokens, *site.host_key)
     return foreign, shown
 

@@ -22,13 +22,15 @@ from comfy_extras.nodes_pag import PerturbedAttentionGuidance as HostPAG
 from comfy_extras.nodes_sag import SelfAttentionGuidance as HostSAG
 from diffusers import StableDiffusionSAGPipeline
 
-import attention_guidance.nodes.sag as sag_node
+import attention_guidance.patching.sag as sag_node
 from attention_guidance.guidance_core.layer_spec import LayerSpecError
 from attention_guidance.nodes.pag import PerturbedAttentionGuidance
-from attention_guidance.nodes.sag import SelfAttentionGuidance, renoise, with_sag_mask_probe
+from attention_guidance.nodes.sag import SelfAttentionGuidance
+from attention_guidance.patching.sag import renoise, with_sag_mask_probe
 from attention_guidance.nodes.sag_preview import SAGMaskPreview
-from attention_guidance.nodes.unet_layout import unet_attention_layout
-from attention_guidance.sag_core import blur_under_mask, renoise_flow, renoise_ve
+from attention_guidance.patching.families import recognise
+from attention_guidance.sag_core import blur_under_mask
+from support.sag_reference import renoise_flow, renoise_ve
 from support.diffusers_twin import ddim_scheduler, make_twin
 from support.models import (build_model, count_model_calls, denoise_once, make_conditioning, sample,
                             short_of_memory, tiny_controlnet)
@@ -70,7 +72,7 @@ def sag_mask_at(model, positive, negative, x, sigma, cfg):
 
 def attn1_of(model, layer):
     """The host's attn1 module and its SpatialTransformer for a one-site layer spec."""
-    (site,) = unet_attention_layout(model, "test").select(layer)
+    (site,) = recognise(model, "test").layout.select(layer)
     diffusion_model = model.get_model_object("diffusion_model")
     blocks = {"input": diffusion_model.input_blocks, "output": diffusion_model.output_blocks}
     block = diffusion_model.middle_block if site.module.block == "middle" else blocks[site.module.block][site.module.block_id]

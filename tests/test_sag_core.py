@@ -13,23 +13,20 @@ from diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusi
 )
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 
-from attention_guidance.guidance_core.layer_grid import token_grid
+from attention_guidance.guidance_core.token_grid import token_grid
 from attention_guidance.sag_core import (
     MASS_TOLERANCE,
-    attention_with_key_mass,
     blur_under_mask,
     effective_kernel_size,
     gaussian_blur_2d,
     gaussian_kernel_1d,
     key_attention_mass,
-    renoise_flow,
-    renoise_ve,
-    sag_degraded_x0,
     sag_guided,
     sag_mask,
     upsample_mask,
     validate_sag_inputs,
 )
+from support.sag_reference import attention_with_key_mass, renoise_flow, renoise_ve, sag_degraded_x0
 
 
 def generator(seed):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from attention_guidance.guidance_core.layer_spec import LayerSpecError
-from attention_guidance.nodes.attention_sites import chunk_ids, host_attention
+from attention_guidance.patching.options import chunk_ids
+from attention_guidance.patching.unet_attention import host_attention
 from attention_guidance.nodes.pag import PerturbedAttentionGuidance
 from attention_guidance.nodes.sag import SelfAttentionGuidance
 from attention_guidance.nodes.seg import SmoothedEnergyGuidance

@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from comfy_extras.nodes_context_windows import WanContextWindowsManualNode
 from diffusers import HunyuanVideoTransformer3DModel, LTXVideoTransformer3DModel, WanTransformer3DModel
 
-from attention_guidance.nodes.attention_sites import chunk_ids
-from attention_guidance.nodes.dit_layout import dit_attention_layout
+from attention_guidance.patching.options import chunk_ids
+from attention_guidance.patching.families import recognise
 from attention_guidance.nodes.pag import PerturbedAttentionGuidance
-from attention_guidance.nodes.sag import SelfAttentionGuidance, with_sag_mask_probe
+from attention_guidance.nodes.sag import SelfAttentionGuidance
+from attention_guidance.patching.sag import with_sag_mask_probe
 from attention_guidance.nodes.sag_preview import SAGMaskPreview
 from support.dit_models import count_forwards, make_dit_conditioning, noisy_dit_latent
 from support.dit_models import tiny_dit as tiny
@@ -141,7 +142,7 @@ def full_size(which):
 @pytest.mark.parametrize("which", FULL_SIZE)
 def test_every_block_name_is_a_module_of_the_host_and_of_diffusers(which):
     patcher = full_size(which)
-    layout = dit_attention_layout(patcher)
+    layout = recognise(patcher, "test").layout
     assert layout.depths == FULL_SIZE[which][4]
     host_modules = dict(patcher.model.diffusion_model.named_modules())
     with torch.device("meta"):
@@ -156,7 +157,7 @@ def test_every_block_name_is_a_module_of_the_host_and_of_diffusers(which):
             assert layout.select(spelling) == [block]
     for node in ("pag", "sag"):  # the family's defaults name one block of the model, with a source
         assert len(layout.select(layout.default_layers(node))) == 1
-        assert layout.default_sources[node]
+        assert layout.default_source(node)
 
 
 @pytest.mark.parametrize("which, spec, expected", [
@@ -171,15 +172,15 @@ def test_every_block_name_is_a_module_of_the_host_and_of_diffusers(which):
     ("ltxv_2b", "block.19", ["block.19"]),
 ])
 def test_block_specs(which, spec, expected):
-    assert [b.index_name for b in dit_attention_layout(full_size(which)).select(spec)] == expected
+    assert [b.index_name for b in recognise(full_size(which), "test").layout.select(spec)] == expected
 
 
 def test_a_wrong_block_lists_the_video_models_blocks():
-    layout = dit_attention_layout(full_size("wan21_t2v_1.3b"))
+    layout = recognise(full_size("wan21_t2v_1.3b"), "test").layout
     with pytest.raises(ValueError) as error:
         layout.select("mid")
     assert "block.0-29 = blocks.0-29 (host blocks.0-29)" in str(error.value)
-    ltxv = dit_attention_layout(full_size("ltxv_2b"))
+    ltxv = recognise(full_size("ltxv_2b"), "test").layout
     with pytest.raises(ValueError) as error:
         ltxv.select("block.28")
     assert "block.0-27 = transformer_blocks.0-27 (host transformer_blocks.0-27)" in str(error.value)

@@ -150,19 +150,24 @@ def model_file_of(prompt: dict, node_id: str) -> str:
     return entry["inputs"][MODEL_OUTPUT_LOADERS[entry["class_type"]]]
 
 
+def full_size_model(prompt: dict, node_id: str):
+    """The full-size model (meta device) that reaches ``node_id``."""
+    return meta_model(MODEL_ARCHITECTURES[model_file_of(prompt, node_id)])
+
+
 def full_size_layout(prompt: dict, node_id: str):
     """The nodes' own layout of the full-size model (meta device) that reaches ``node_id``."""
-    from attention_guidance.nodes.dit_layout import attention_layout
+    from attention_guidance.patching.families import recognise
 
-    architecture = MODEL_ARCHITECTURES[model_file_of(prompt, node_id)]
-    return attention_layout(meta_model(architecture), prompt[node_id]["class_type"])
+    return recognise(full_size_model(prompt, node_id), prompt[node_id]["class_type"]).layout
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_example_layers_exist_in_the_full_size_model_it_loads(name, object_info):
     """The stand-ins are tiny, so an example's layer spec is checked here against the real architecture
     of the file it names (built on the meta device), with the nodes' own layout code."""
-    from attention_guidance.nodes.sag import select_sag_site
+    from attention_guidance.guidance_core.layer_spec import Method
+    from attention_guidance.patching.layers import choose_layers
 
     prompt = ui_to_api(load_example(name), object_info)
     checked = 0
@@ -172,7 +177,8 @@ def test_example_layers_exist_in_the_full_size_model_it_loads(name, object_info)
             kind = "pag" if entry["class_type"] == "AG_PerturbedAttentionGuidance" else "seg"
             assert layout.select(layout.resolve(entry["inputs"]["layers"], kind))
         elif entry["class_type"] == "AG_SelfAttentionGuidance":
-            select_sag_site(full_size_layout(prompt, node_id), entry["inputs"]["layer"])
+            choose_layers(full_size_model(prompt, node_id), node=entry["class_type"], input_name="layer",
+                          spec=entry["inputs"]["layer"], method=Method.SAG, label="SAG layer", single=True)
         else:
             continue
         checked += 1
@@ -231,7 +237,7 @@ def test_the_current_examples_are_frozen_for_the_current_version():
     """Every release's examples are kept; freeze them with build_example_workflows.py --freeze."""
     version = pack_metadata()["version"]
     folders = {folder.name: folder for folder in compat_sets()}
-    how = "run `.cache/venv/bin/python tests/support/build_example_workflows.py --freeze` (README: Backwards compatibility)"
+    how = "run `.cache/venv/bin/python tests/support/build_example_workflows.py --freeze` (CONTRIBUTING.md: Backwards compatibility of node inputs)"
     assert version in folders, f"tests/workflow_compat/{version}/ is missing: {how}"
     frozen = sorted(path.stem for path in folders[version].glob("*.json") if path.name != "api_prompts.json")
     assert frozen == NAMES, f"the kept set of {version} is not the current examples: {how}"

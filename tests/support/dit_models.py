@@ -52,7 +52,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3PAGPipeline
 from diffusers.models.attention_processor import PAGCFGJointAttnProcessor2_0, PAGJointAttnProcessor2_0
 
-from attention_guidance.nodes.attention_sites import chunk_ids
+from attention_guidance.patching.options import chunk_ids
 
 from .models import initialise_weights
 

@@ -40,7 +40,7 @@ import torch
 from comfy_extras.nodes_custom_sampler import Guider_DualCFG
 from comfy_extras.nodes_perpneg import Guider_PerpNeg
 
-from attention_guidance.nodes.attention_sites import chunk_ids
+from attention_guidance.patching.options import chunk_ids
 
 FAMILIES = ("sd15", "sd2v", "sdxl")
 

@@ -13,7 +13,7 @@ The host numbers the copy's chunk after the sampler's lists (``cond_or_uncond`` 
 copies), but packs that add keys per chunk (IPAdapter, InstantID, PuLID) index a ``(cond, uncond)``
 pair with those numbers and fail on anything else; the host's own PAG runs its pass as a lone
 positive (0). An APPLY_MODEL wrapper therefore shows the copy to the model as the list it copies,
-0, and keeps the host's numbering in our options for our handlers (``attention_sites.chunk_ids``).
+0, and keeps the host's numbering in our options for our handlers (``options.chunk_ids``).
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ from typing import Callable
 import comfy.patcher_extension
 import comfy.samplers
 
-from .attention_sites import CHUNK_IDS, COPIES, GUIDANCE_OPTIONS, with_guidance_options
+from .options import CHUNK_IDS, COPIES, EXTRA_PASS, GUIDANCE_OPTIONS, PERTURBED, with_guidance_options
+from .run_state import WRAPPER_KEY, clear_after_sampling
 
-WRAPPER_KEY = "attention_guidance"
 COPY_LABELS_KEY = "attention_guidance_copy_labels"
 
 
@@ -35,7 +35,7 @@ def is_main_cond_call(conds, model_options) -> bool:
     only the lists they were given, comfy/context_windows.py, 0.3.75): the guidance then runs its own pass
     over the whole latent, which the context windows split the same way."""
     transformer_options = model_options.get("transformer_options", {})
-    if transformer_options.get(GUIDANCE_OPTIONS, {}).get("extra_pass"):
+    if transformer_options.get(GUIDANCE_OPTIONS, {}).get(EXTRA_PASS):
         return False
     if transformer_options.get("context_window") is not None:
         return False
@@ -53,12 +53,6 @@ def as_own_entries(entries: list, tag: str) -> list:
     """
     return [dict(entry, uuid=uuid.uuid5(entry["uuid"], tag)) if isinstance(entry.get("uuid"), uuid.UUID) else entry
             for entry in entries]
-
-
-def clear_after_sampling(model, state: dict) -> None:
-    """Empty ``state`` when the host's sampler finishes, also when a step raised or was interrupted:
-    the host runs ON_CLEANUP callbacks in CFGGuider.outer_sample's ``finally`` (0.3.75)."""
-    model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, WRAPPER_KEY, lambda patcher: state.clear())
 
 
 def label_copies_as_their_source(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
@@ -92,7 +86,7 @@ def add_batched_positive_copy(model, instance: str, is_active: Callable[[object,
         if watch.guider_skips_post_cfg(timestep) or unused or not is_active(base_model, timestep):
             return executor(base_model, conds, x_in, timestep, model_options)
         cond_id = len(conds)
-        options = with_guidance_options(model_options, perturbed={instance: cond_id}, **{COPIES: {cond_id: 0}})
+        options = with_guidance_options(model_options, **{PERTURBED: {instance: cond_id}, COPIES: {cond_id: 0}})
         out = executor(base_model, list(conds) + [as_own_entries(conds[0], instance)], x_in, timestep, options)
         pending.update(x=x_in, cond=conds[0], x0=out[cond_id])
         return out[:cond_id]
@@ -107,7 +101,7 @@ def add_batched_positive_copy(model, instance: str, is_active: Callable[[object,
         pending.clear()
         if x0 is not None:
             return x0
-        options = with_guidance_options(args["model_options"], perturbed={instance: 0}, extra_pass=True)
+        options = with_guidance_options(args["model_options"], **{PERTURBED: {instance: 0}, EXTRA_PASS: True})
         (x0,) = comfy.samplers.calc_cond_batch(args["model"], [as_own_entries(args["cond"], instance)], args["input"],
                                                args["sigma"], options)
         return x0

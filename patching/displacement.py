@@ -25,13 +25,11 @@ from typing import Callable
 
 import comfy.patcher_extension
 
-from .attention_sites import GUIDANCE_OPTIONS, guidance_options
-from .batched_pass import clear_after_sampling
+from .options import DISPLACEMENT_PROBES, GUIDANCE_OPTIONS, guidance_options
+from .run_state import clear_after_sampling
 
 OVERRIDE = "optimized_attention_override"
 GUARD_KEY = "attention_guidance_displacement"
-# in GUIDANCE_OPTIONS of a guarded forward: {guard key: list}; the node's own (displaced) handler appends to it
-PROBES = "displacement_probes"
 # attributes on every handler a guard makes: the node it belongs to, and the function it calls for the rest
 _OWNER = "attention_guidance_owner"
 _PREVIOUS = "attention_guidance_previous"
@@ -74,7 +72,7 @@ class DisplacementGuard:
 
         def attention_guidance_handler(*args, **kwargs):
             if probed:
-                probe = guidance_options(options_of(args, kwargs)).get(PROBES, {}).get(key)
+                probe = guidance_options(options_of(args, kwargs)).get(DISPLACEMENT_PROBES, {}).get(key)
                 if probe is not None:
                     probe.append(True)
             handling = _HANDLING.get()
@@ -142,7 +140,7 @@ class DisplacementGuard:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         reached: list = []
         ours = guidance_options(options)
-        options = {**options, GUIDANCE_OPTIONS: {**ours, PROBES: {**ours.get(PROBES, {}), self.key: reached}}}
+        options = {**options, GUIDANCE_OPTIONS: {**ours, DISPLACEMENT_PROBES: {**ours.get(DISPLACEMENT_PROBES, {}), self.key: reached}}}
         out = executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
         if not reached:
             self._warn_once(displaced)

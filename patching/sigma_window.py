@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..guidance_core.schedule import in_sigma_window
-from .batched_pass import clear_after_sampling
+from .run_state import clear_after_sampling
 
 
 class SigmaWindow:

@@ -1,4 +1,4 @@
-"""Our handlers at the host's attn1 sites, chained so that every patch keeps its effect.
+"""Our handlers at a UNet's attn1 sites, chained so that every patch keeps its effect.
 
 The host keeps one attn1 replacement per key and looks up ``(block, id, transformer_index)``
 before ``(block, id)`` (comfy/ldm/modules/attention.py, BasicTransformerBlock.forward, 0.3.75).
@@ -11,13 +11,6 @@ from __future__ import annotations
 from typing import Callable
 
 import comfy.ldm.modules.attention
-
-# transformer_options key of this pack: {"perturbed": {instance: cond id}, "extra_pass": True, ...}
-GUIDANCE_OPTIONS = "attention_guidance"
-# in GUIDANCE_OPTIONS: {cond id of a copy we batched: cond id of the list it copies}, and the chunks' cond ids
-# as the host numbered them, kept where the forward shows other patches the copies as their source
-COPIES = "copies"
-CHUNK_IDS = "chunk_ids"
 
 AttentionFn = Callable[..., "torch.Tensor"]  # noqa: F821
 
@@ -32,33 +25,6 @@ def host_attention(q, k, v, extra_options, **kwargs):
 
 def attn1_replacements(model) -> dict:
     return model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
-
-
-def options_for_chunks(extra_options: dict, positions: list[int]) -> dict:
-    """extra_options as seen by a call that gets only the chunks at ``positions``."""
-    narrowed = dict(extra_options)
-    chunks = extra_options["cond_or_uncond"]
-    narrowed["cond_or_uncond"] = [chunks[i] for i in positions]
-    if "uuids" in extra_options and len(extra_options["uuids"]) == len(chunks):
-        narrowed["uuids"] = [extra_options["uuids"][i] for i in positions]
-    ours = guidance_options(extra_options)
-    if CHUNK_IDS in ours:
-        ids = chunk_ids(extra_options)
-        narrowed[GUIDANCE_OPTIONS] = dict(ours, **{CHUNK_IDS: [ids[i] for i in positions]})
-    return narrowed
-
-
-def guidance_options(extra_options: dict) -> dict:
-    return extra_options.get(GUIDANCE_OPTIONS, {})
-
-
-def chunk_ids(extra_options: dict) -> list[int]:
-    """The cond id of each chunk of this forward as the host numbered them (0 the positive, 1 the negative,
-    2, 3, ... further lists, among them the copies our nodes batch), also where ``cond_or_uncond`` shows
-    other patches those copies as the list they copy (see batched_pass.label_copies_as_their_source)."""
-    chunks = list(extra_options.get("cond_or_uncond", []))
-    ids = guidance_options(extra_options).get(CHUNK_IDS)
-    return list(ids) if ids is not None and len(ids) == len(chunks) else chunks
 
 
 def require_own_queries(q, k, extra_options: dict, label: str) -> None:
@@ -109,18 +75,3 @@ def install_site_handler(model, sites, make_handler: Callable[[AttentionFn], Att
                 covered = [block + (i,) for i in indices if len(key) == 2 or key[2] == i]
                 handler = guard.attn1(make_handler, previous[key], covered)
             model.set_model_attn1_replace(handler, *key)
-
-
-def with_guidance_options(model_options: dict, **updates) -> dict:
-    """A copy of model_options whose transformer_options carry our per-call markers."""
-    options = model_options.copy()
-    transformer_options = dict(options.get("transformer_options", {}))
-    ours = {k: (dict(v) if isinstance(v, dict) else v) for k, v in transformer_options.get(GUIDANCE_OPTIONS, {}).items()}
-    for name, value in updates.items():
-        if isinstance(value, dict):
-            ours.setdefault(name, {}).update(value)
-        else:
-            ours[name] = value
-    transformer_options[GUIDANCE_OPTIONS] = ours
-    options["transformer_options"] = transformer_options
-    return options

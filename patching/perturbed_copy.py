@@ -1,8 +1,8 @@
 """A batched copy of the positive, perturbed at chosen attention sites: what PAG and SEG share.
 
-The node gives the sites and its perturbation; this installs the copy in the sampler's own forward
-(``batched_pass.add_batched_positive_copy``), the handlers at the UNet's attn1 sites
-(``attention_sites.install_site_handler``) or in the DiT's blocks (``dit_attention.install_dit_handler``)
+The method gives the layers and its perturbation; this installs the copy in the sampler's own forward
+(``batched_pass.add_batched_positive_copy``), the handlers at a UNet's attn1 sites
+(``unet_attention.install_site_handler``) or in a DiT's blocks (``dit_attention.install_dit_handler``)
 that perturb the copy's rows and run every other row as before, and gives the post-CFG function the
 copy's prediction with the scale of this step.
 """
@@ -12,15 +12,15 @@ import logging
 import uuid
 from typing import Callable
 
-from ..guidance_core.layer_spec import DiTLayout
 from ..guidance_core.rows import split_by_chunk
-from .attention_sites import chunk_ids, guidance_options, install_site_handler, options_for_chunks, require_own_queries
-from .batched_pass import add_batched_positive_copy, clear_after_sampling
+from .batched_pass import add_batched_positive_copy
 from .dit_attention import DiTAttention, install_dit_handler
-from .dit_handlers import perturbed_copy_handler
 from .displacement import DisplacementGuard
-from .layer_choice import log_once_per_run
+from .layers import ChosenLayers, dit_model
+from .options import PERTURBED, chunk_ids, guidance_options, options_for_chunks
 from .post_cfg_watch import PostCfgWatch
+from .run_state import clear_after_sampling, log_once_per_run
+from .unet_attention import install_site_handler, require_own_queries
 
 # UNet: perturb(q, k, v, extra_options, attend) for the copy's rows ([B, L, heads * D]); attend(q, k, v)
 # is the attention those rows would have had (the host's, or the patch before ours)
@@ -29,17 +29,31 @@ UNetPerturbation = Callable[..., "torch.Tensor"]  # noqa: F821
 DiTPerturbation = Callable[[DiTAttention], "torch.Tensor"]  # noqa: F821
 
 
-class PerturbedCopy:
-    """Installed on ``model`` (the node's clone). ``scale_at(base_model, sigma)`` is the guidance scale of a
-    step, 0 outside the node's window; ``node`` names the node and ``label`` its layers input in messages;
-    ``in_use`` is the line naming the layers, logged at the first guided step of each run."""
+def perturbed_copy_handler(instance: str, perturbing: Callable[[], None], perturb: DiTPerturbation):
+    """DiT: the rows of the chunk tagged for ``instance`` get ``perturb(part)``; every other row gets the
+    attention it would have had. ``perturbing()`` is called whenever it computes them."""
 
-    def __init__(self, model, layout, sites, node: str, layers: str, label: str, in_use: str,
+    def handler(call: DiTAttention):
+        cond_id = guidance_options(call.options).get(PERTURBED, {}).get(instance)
+        if cond_id is None or cond_id not in call.chunks:
+            return call.run()
+        perturbing()
+        return call.split(lambda c: c == cond_id, perturb, lambda part: part.run())
+
+    return handler
+
+
+class PerturbedCopy:
+    """Installed on ``model`` (the node's clone) at the ``chosen`` layers. ``scale_at(base_model, sigma)`` is
+    the guidance scale of a step, 0 outside the node's window; ``node`` names the node and ``label`` its layers
+    input in messages (e.g. "PAG layers 'mid'"); ``perturb_unet`` / ``perturb_dit`` compute the copy's rows."""
+
+    def __init__(self, *, model, chosen: ChosenLayers, node: str, label: str,
                  scale_at: Callable[[object, object], float], perturb_unet: UNetPerturbation,
                  perturb_dit: DiTPerturbation):
         self.node = node
-        self.layers = layers
-        self.in_use = in_use
+        self.layers = chosen.resolved
+        self.in_use = chosen.in_use
         self.scale_at = scale_at
         instance = uuid.uuid4().hex
         self.watch = PostCfgWatch(model, node)
@@ -55,7 +69,7 @@ class PerturbedCopy:
 
         def make_handler(previous):
             def perturbed_attention(q, k, v, extra_options, **kwargs):
-                cond_id = guidance_options(extra_options).get("perturbed", {}).get(instance)
+                cond_id = guidance_options(extra_options).get(PERTURBED, {}).get(instance)
                 chunks = chunk_ids(extra_options)
                 if cond_id is None or cond_id not in chunks:
                     return previous(q, k, v, extra_options, **kwargs)
@@ -74,11 +88,12 @@ class PerturbedCopy:
             return perturbed_attention
 
         # keeps the handlers acting where a node applied later displaces them (displacement.DisplacementGuard)
-        guard = DisplacementGuard(model, node, lambda options: instance in guidance_options(options).get("perturbed", {}))
-        if isinstance(layout, DiTLayout):
-            install_dit_handler(model, layout, sites, perturbed_copy_handler(instance, perturbing, perturb_dit), guard)
+        guard = DisplacementGuard(model, node, lambda options: instance in guidance_options(options).get(PERTURBED, {}))
+        if chosen.on_dit:
+            install_dit_handler(model, dit_model(model, chosen), list(chosen.sites),
+                                perturbed_copy_handler(instance, perturbing, perturb_dit), guard)
         else:
-            install_site_handler(model, sites, make_handler, guard)
+            install_site_handler(model, chosen.sites, make_handler, guard)
 
     def guidance_step(self, args):
         """``(scale, perturbed x0)`` for this post-CFG call, or None where the node does not guide this step."""

@@ -1,10 +1,13 @@
-"""A UNet layer's token grid: where each attention token sits in the layer's image.
+"""Token grids: where each attention token sits in the image (or video) of a layer.
+
+A UNet layer's grid (``token_grid``):
 
 Tokens are the layer's ``[b, c, h, w]`` activation flattened row-major (ComfyUI's SpatialTransformer
 does ``x.movedim(1, 3).flatten(1, 2)``, diffusers' Transformer2DModel the same), so token
 ``row * w + col`` is pixel ``(row, col)`` of the ``h x w`` grid. The grid is the caller's
 (``extra_options["activations_shape"][-2:]`` in ComfyUI); it is never guessed from the token count.
-SAG lays its attention map on it, SEG blurs the queries on it.
+SAG lays its attention map on it, SEG blurs the queries on it. A DiT's grid (``patch_grid``) is the
+latent's, patched.
 """
 
 
@@ -23,3 +26,12 @@ def token_grid(activations_shape, tokens=None):
             f"{height}x{width} grid ({height * width} tokens); choose a spatial self-attention layer."
         )
     return height, width
+
+
+def patch_grid(latent_size, patch_size) -> tuple[int, ...]:
+    """The token grid a DiT makes of a latent of ``latent_size`` (``(H, W)`` or ``(T, H, W)``) with patches of
+    ``patch_size`` (an int for ``H`` and ``W``, or one per axis): each axis padded up to its patch size, as the
+    host's DiTs pad the latent before patching (``ceil(size / patch)``)."""
+    patches = (patch_size,) * 2 if isinstance(patch_size, int) else tuple(patch_size)
+    sizes = tuple(latent_size)[-len(patches):]
+    return tuple(-(-int(size) // int(patch)) for size, patch in zip(sizes, patches))

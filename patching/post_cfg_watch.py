@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 
-from .batched_pass import clear_after_sampling
+from .run_state import clear_after_sampling
 
 
 class PostCfgWatch:

@@ -1,0 +1,36 @@
+"""What the node faces share: their menu category and the layer inputs, whose examples come from the family
+registry."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..patching.families import FAMILIES
+
+CATEGORY = "model_patches/attention_guidance"
+
+
+def _examples() -> str:
+    return "; ".join(f"{family.name}: {family.layer_examples}" for family in FAMILIES if family.layer_examples)
+
+
+def layers_input() -> io.String.Input:
+    """The ``layers`` input of the nodes that perturb a batched copy (PAG, SEG): one default, one syntax."""
+    return io.String.Input(
+        "layers", default="auto", multiline=False,
+        tooltip=(
+            "Self-attention layers to perturb. 'auto': the model family's default (see the node docs), logged at "
+            f"the first step. Or comma-separated names. {_examples()}. A wrong name lists the model's layers."
+        ),
+    )
+
+
+def layer_input() -> io.String.Input:
+    """SAG's ``layer`` input: one layer, same syntax."""
+    return io.String.Input(
+        "layer", default="auto", multiline=False,
+        tooltip=(
+            "The one self-attention layer whose map makes the mask. 'auto': the model family's default (UNets "
+            f"'m0.0', the middle block's first transformer, diffusers' choice; see the node docs), logged at the "
+            f"first step. Same syntax as PAG's layers. {_examples()}. A wrong name lists the model's layers."
+        ),
+    )

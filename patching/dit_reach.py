@@ -1,0 +1,268 @@
+"""How the attention override learns which DiT block is running: the ways into a family's blocks.
+
+The host (0.3.75, comfy/ldm/modules/attention.py ``wrap_attn``) calls
+``transformer_options["optimized_attention_override"](func, *args, **kwargs)`` wherever a model hands
+transformer_options to ``optimized_attention`` (``dit_attention`` installs ours). What an attention call
+does not say is which block it comes from and where its text and image tokens lie. Each family reaches its
+blocks in one of four ways (``DiTReach``, chosen in the family's registry module):
+
+- ``host_block_marks``: the model sets ``transformer_options["block_type"]`` ("double" / "single") and
+  ``["block_index"]`` before each block and offers ``("double_block", i)`` block replacements. The text
+  length is the host's ``img_slice`` where it gives one (0.38.x), else measured from the text stream entering
+  the first double block (a block replacement there writes it into the dict the model hands every block).
+- ``joint_block_marks``: no block index (0.3.75); a block replacement on each chosen block runs the block with
+  a copy of transformer_options that names it and carries its text and image token counts. A block may also
+  run an image-only self-attention with the same options, told apart by its length.
+- ``video_block_marks``: no block index; a block replacement on each chosen block marks it with its token count;
+  the first call of the block whose queries and keys both have that many tokens is its self-attention, every
+  later call (the cross-attention to the text) goes to the previous override untouched.
+- ``object_patch_marks``: no block index and no block replacement; an object patch on each chosen block's
+  ``forward`` (the host's ``add_object_patch``, undone when the model is unpatched) names the block, and one on
+  the module that first sees the image stream alone measures it; the text is the sequence less that stream.
+
+Token counts are always measured, never guessed; the latent's size comes from an APPLY_MODEL wrapper
+(``dit_attention``), for the token grid.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Callable
+
+from ..guidance_core.layer_spec import DiTBlock
+from ..guidance_core.token_grid import patch_grid
+from .options import GUIDANCE_OPTIONS, IMAGE_STREAM, JOINT_BLOCK, MARKED_BLOCK, TEXT_TOKENS, VIDEO_BLOCK, guidance_options
+
+
+class TokenOrder(enum.Enum):
+    """Where the text is in a joint attention's sequence."""
+
+    TEXT_FIRST = "text, then image"
+    IMAGE_FIRST = "image, then text"
+    VIDEO_ONLY = "video tokens only (the text comes in a separate cross-attention)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Located:
+    """What an attention call's transformer_options say: the chosen block running (or None), its text tokens
+    (None where unknown; negative ``-n`` where the text is the call's length less ``n``), and the mark our block
+    replacement left (joint and video blocks)."""
+
+    block: DiTBlock | None
+    text_tokens: int | None = None
+    mark: object = None
+
+
+NOT_LOCATED = Located(None)
+
+
+@dataclasses.dataclass(frozen=True)
+class JointBlockMark:
+    block: DiTBlock
+    text_tokens: int
+    image_tokens: int
+
+
+class VideoBlockMark:
+    """A video DiT block running now: its space-time token count, and whether its self-attention (the
+    block's first attention call) has run yet."""
+
+    def __init__(self, block: DiTBlock, tokens: int):
+        self.block = block
+        self.tokens = tokens
+        self.self_attention_done = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DiTReach:
+    """How attention guidance reaches the attention of one family's chosen blocks.
+
+    ``locate(transformer_options)`` reads an attention call's options; ``install(model, blocks)`` puts on the
+    model (a clone) what lets ``locate`` name the chosen blocks; ``token_grid(patch size, latent size)`` is the
+    generated image's token grid (``(frames, h, w)`` where ``frames``); ``text_length_site`` names, for
+    messages, where the text length is measured; ``extra_image_tokens`` is the message where the image stream
+    holds more tokens than the generated image's grid and they cannot be told apart (None where the extra
+    tokens follow the image's, as reference latents do).
+    """
+
+    locate: Callable[[dict], Located]
+    install: Callable[[object, list], None]
+    token_order: TokenOrder = TokenOrder.TEXT_FIRST
+    token_grid: Callable[[object, tuple], tuple] = patch_grid
+    frames: bool = False
+    text_length_site: str = "its first block"
+    extra_image_tokens: str | None = None
+
+    @property
+    def image_first(self) -> bool:
+        return self.token_order is TokenOrder.IMAGE_FIRST
+
+    @property
+    def video_only(self) -> bool:
+        return self.token_order is TokenOrder.VIDEO_ONLY
+
+
+# the host's block replacements and object patches -------------------------------------------------------
+def replace_block(model, block_name: str, index: int, run: Callable) -> None:
+    """Put ``run(args, extra, previous_block)`` on the host's block replacement of one block, chained."""
+    replacements = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    previous = replacements.get((block_name, index))
+
+    def previous_block(args, extra):
+        return previous(args, extra) if previous is not None else extra["original_block"](args)
+
+    def attention_guidance_block(args, extra):
+        return run(args, extra, previous_block)
+
+    model.set_model_patch_replace(attention_guidance_block, "dit", block_name, index)
+
+
+def patch_block_forward(model, module: str, run: Callable) -> None:
+    """An object patch on the ``forward`` of the diffusion model's ``module`` (e.g. ``layers.3``), chained:
+    ``run(previous_forward, args, kwargs)``."""
+    key = f"diffusion_model.{module}.forward"
+    previous = model.get_model_object(key)  # the block's own forward, or an earlier node's patch
+
+    def attention_guidance_forward(*args, **kwargs):
+        return run(previous, args, kwargs)
+
+    model.add_object_patch(key, attention_guidance_forward)
+
+
+def _with_ours(options: dict, **values) -> dict:
+    return {**options, GUIDANCE_OPTIONS: {**options.get(GUIDANCE_OPTIONS, {}), **values}}
+
+
+# host_block_marks --------------------------------------------------------------------------------------------
+def _locate_host_marked(options: dict) -> Located:
+    kind = options.get("block_type")
+    if kind not in ("double", "single"):
+        return NOT_LOCATED
+    # the host's own img_slice [first image token, end] where it gives one (0.38.x), else ours
+    image_slice = options.get("img_slice")
+    if image_slice is not None and len(image_slice) == 2:
+        text_tokens = int(image_slice[0])
+    else:
+        text_tokens = guidance_options(options).get(TEXT_TOKENS)
+    # the host names blocks by kind and index; ours carry their module names, which do not count in equality
+    return Located(DiTBlock(kind, options.get("block_index"), host_path="", diffusers_path=""), text_tokens)
+
+
+def _stamp_text_tokens(args, extra, previous_block):
+    options = args["transformer_options"]
+    # in place: the model hands this same dict to every later block (as it does with block_index)
+    options[GUIDANCE_OPTIONS] = {**options.get(GUIDANCE_OPTIONS, {}), TEXT_TOKENS: args["txt"].shape[1]}
+    return previous_block(args, extra)
+
+
+def _install_text_stamp(model, blocks) -> None:
+    replace_block(model, "double_block", 0, _stamp_text_tokens)
+
+
+def host_block_marks(*, token_order: TokenOrder = TokenOrder.TEXT_FIRST, frames: bool = False,
+                     token_grid=patch_grid) -> DiTReach:
+    return DiTReach(locate=_locate_host_marked, install=_install_text_stamp, token_order=token_order,
+                    token_grid=token_grid, frames=frames, text_length_site="its first double block")
+
+
+# joint_block_marks -------------------------------------------------------------------------------------------
+def _locate_joint(options: dict) -> Located:
+    mark = guidance_options(options).get(JOINT_BLOCK)
+    return Located(mark.block, mark.text_tokens, mark) if mark is not None else NOT_LOCATED
+
+
+def _mark_joint_block(block: DiTBlock):
+    def run(args, extra, previous_block):
+        text = args.get("txt")
+        mark = JointBlockMark(block, 0 if text is None else text.shape[1], args["img"].shape[1])
+        return previous_block(dict(args, transformer_options=_with_ours(args["transformer_options"], **{JOINT_BLOCK: mark})),
+                              extra)
+
+    return run
+
+
+def _install_joint_marks(model, blocks) -> None:
+    for block in blocks:
+        replace_block(model, "double_block", block.index, _mark_joint_block(block))
+
+
+def joint_block_marks(*, token_grid=patch_grid) -> DiTReach:
+    return DiTReach(locate=_locate_joint, install=_install_joint_marks, token_grid=token_grid,
+                    text_length_site="each chosen block")
+
+
+# video_block_marks -------------------------------------------------------------------------------------------
+def _locate_video(options: dict) -> Located:
+    mark = guidance_options(options).get(VIDEO_BLOCK)
+    return Located(mark.block, 0, mark) if mark is not None else NOT_LOCATED
+
+
+def _mark_video_block(block: DiTBlock):
+    def run(args, extra, previous_block):
+        mark = VideoBlockMark(block, args["img"].shape[1])
+        return previous_block(dict(args, transformer_options=_with_ours(args["transformer_options"], **{VIDEO_BLOCK: mark})),
+                              extra)
+
+    return run
+
+
+def _install_video_marks(model, blocks) -> None:
+    for block in blocks:
+        replace_block(model, "double_block", block.index, _mark_video_block(block))
+
+
+def video_block_marks() -> DiTReach:
+    return DiTReach(locate=_locate_video, install=_install_video_marks, token_order=TokenOrder.VIDEO_ONLY,
+                    frames=True, text_length_site="each chosen block")
+
+
+# object_patch_marks ------------------------------------------------------------------------------------------
+def _locate_object_marked(options: dict) -> Located:
+    ours = guidance_options(options)
+    block, image_stream = ours.get(MARKED_BLOCK), ours.get(IMAGE_STREAM)
+    return Located(block, None if image_stream is None else -image_stream)
+
+
+def _mark_block(block: DiTBlock):
+    """Run the block with its transformer_options naming it. In place, as the host sets block_index: the
+    dict is this forward's own, and what a block inside writes there (the image stream) must stay."""
+
+    def run(previous, args, kwargs):
+        options = kwargs.get("transformer_options")
+        if options is None:
+            return previous(*args, **kwargs)
+        options[GUIDANCE_OPTIONS] = {**options.get(GUIDANCE_OPTIONS, {}), MARKED_BLOCK: block}
+        try:
+            return previous(*args, **kwargs)
+        finally:
+            options[GUIDANCE_OPTIONS] = {k: v for k, v in options[GUIDANCE_OPTIONS].items() if k != MARKED_BLOCK}
+
+    return run
+
+
+def _stamp_image_stream(argument: str):
+    """Write the token count of the module's first argument (``argument``) into the forward's
+    transformer_options, in place: the model hands that same dict to every later block."""
+
+    def run(previous, args, kwargs):
+        options = kwargs.get("transformer_options")
+        if options is not None:
+            tokens = args[0] if args else kwargs[argument]
+            options[GUIDANCE_OPTIONS] = {**options.get(GUIDANCE_OPTIONS, {}), IMAGE_STREAM: tokens.shape[1]}
+        return previous(*args, **kwargs)
+
+    return run
+
+
+def object_patch_marks(*, measured_at: str, argument: str, token_order: TokenOrder = TokenOrder.TEXT_FIRST,
+                       text_length_site: str, extra_image_tokens: str | None = None) -> DiTReach:
+    """Object patches: one on the host module ``measured_at`` that measures the image stream from its
+    ``argument``, one on each chosen block that names it."""
+
+    def install(model, blocks) -> None:
+        patch_block_forward(model, measured_at, _stamp_image_stream(argument))
+        for block in blocks:
+            patch_block_forward(model, block.host_name, _mark_block(block))
+
+    return DiTReach(locate=_locate_object_marked, install=install, token_order=token_order,
+                    text_length_site=text_length_site, extra_image_tokens=extra_image_tokens)

@@ -1,0 +1,22 @@
+"""State that lives for one sampling run of a patched model, and is dropped when the run ends."""
+from __future__ import annotations
+
+import logging
+
+import comfy.patcher_extension
+
+# the key of every wrapper and callback the pack adds to a ModelPatcher
+WRAPPER_KEY = "attention_guidance"
+
+
+def clear_after_sampling(model, state: dict) -> None:
+    """Empty ``state`` when the host's sampler finishes, also when a step raised or was interrupted:
+    the host runs ON_CLEANUP callbacks in CFGGuider.outer_sample's ``finally`` (0.3.75)."""
+    model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, WRAPPER_KEY, lambda patcher: state.clear())
+
+
+def log_once_per_run(run: dict, line: str) -> None:
+    """Log ``line`` the first time in this run (``run`` is emptied when the run ends)."""
+    if not run.get("layers_logged"):
+        run["layers_logged"] = True
+        logging.info(line)
