@@ -29,9 +29,10 @@ def token_grid(activations_shape, tokens=None):
 
 
 def patch_grid(latent_size, patch_size) -> tuple[int, ...]:
-    """The token grid a DiT makes of a latent of ``latent_size`` (``(H, W)`` or ``(T, H, W)``) with patches of
-    ``patch_size`` (an int for ``H`` and ``W``, or one per axis): each axis padded up to its patch size, as the
-    host's DiTs pad the latent before patching (``ceil(size / patch)``)."""
+    """ceil(size / patch) on each axis: the latent padded to the patch size, then patched.
+
+    ``latent_size`` is ``(H, W)`` or ``(T, H, W)``, ``patch_size`` an int for ``H`` and ``W`` or one per axis;
+    the host's DiTs pad the latent to the patch size before patching."""
     patches = (patch_size,) * 2 if isinstance(patch_size, int) else tuple(patch_size)
     sizes = tuple(latent_size)[-len(patches):]
     return tuple(-(-int(size) // int(patch)) for size, patch in zip(sizes, patches))

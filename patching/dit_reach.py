@@ -77,7 +77,7 @@ class VideoBlockMark:
 class DiTReach:
     """How attention guidance reaches the attention of one family's chosen blocks.
 
-    ``locate(transformer_options)`` reads an attention call's options; ``install(model, blocks)`` puts on the
+    ``mechanism`` says in words how the blocks are reached (for the docs); ``locate(transformer_options)`` reads an attention call's options; ``install(model, blocks)`` puts on the
     model (a clone) what lets ``locate`` name the chosen blocks; ``token_grid(patch size, latent size)`` is the
     generated image's token grid (``(frames, h, w)`` where ``frames``); ``text_length_site`` names, for
     messages, where the text length is measured; ``extra_image_tokens`` is the message where the image stream
@@ -85,6 +85,7 @@ class DiTReach:
     tokens follow the image's, as reference latents do).
     """
 
+    mechanism: str
     locate: Callable[[dict], Located]
     install: Callable[[object, list], None]
     token_order: TokenOrder = TokenOrder.TEXT_FIRST
@@ -161,7 +162,8 @@ def _install_text_stamp(model, blocks) -> None:
 
 def host_block_marks(*, token_order: TokenOrder = TokenOrder.TEXT_FIRST, frames: bool = False,
                      token_grid=patch_grid) -> DiTReach:
-    return DiTReach(locate=_locate_host_marked, install=_install_text_stamp, token_order=token_order,
+    return DiTReach(mechanism="the host's block_type / block_index marks; the text length from the host's img_slice "
+                    "or measured at the first double block", locate=_locate_host_marked, install=_install_text_stamp, token_order=token_order,
                     token_grid=token_grid, frames=frames, text_length_site="its first double block")
 
 
@@ -187,7 +189,8 @@ def _install_joint_marks(model, blocks) -> None:
 
 
 def joint_block_marks(*, token_grid=patch_grid) -> DiTReach:
-    return DiTReach(locate=_locate_joint, install=_install_joint_marks, token_grid=token_grid,
+    return DiTReach(mechanism="a block replacement on each chosen block names it and carries its text and image "
+                    "token counts", locate=_locate_joint, install=_install_joint_marks, token_grid=token_grid,
                     text_length_site="each chosen block")
 
 
@@ -212,7 +215,8 @@ def _install_video_marks(model, blocks) -> None:
 
 
 def video_block_marks() -> DiTReach:
-    return DiTReach(locate=_locate_video, install=_install_video_marks, token_order=TokenOrder.VIDEO_ONLY,
+    return DiTReach(mechanism="a block replacement on each chosen block marks it; its first attention over the "
+                    "video tokens is the self-attention", locate=_locate_video, install=_install_video_marks, token_order=TokenOrder.VIDEO_ONLY,
                     frames=True, text_length_site="each chosen block")
 
 
@@ -264,5 +268,6 @@ def object_patch_marks(*, measured_at: str, argument: str, token_order: TokenOrd
         for block in blocks:
             patch_block_forward(model, block.host_name, _mark_block(block))
 
-    return DiTReach(locate=_locate_object_marked, install=install, token_order=token_order,
+    return DiTReach(mechanism=f"object patches on each chosen block's forward name it; the image stream is "
+                    f"measured at {measured_at}", locate=_locate_object_marked, install=install, token_order=token_order,
                     text_length_site=text_length_site, extra_image_tokens=extra_image_tokens)

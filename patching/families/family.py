@@ -25,7 +25,8 @@ class Family:
     ``recognise(diffusion_model, config_name)`` gives the layout of a model of this family (its blocks, their
     names, the default layers per method with their sources), or None for any other model; ``config_name`` is
     the host's model config class name (e.g. "SDXL"). ``reach`` says how the attention override finds the
-    chosen blocks of a DiT (None: a UNet, reached through attn1 replacements). ``layer_examples`` are layer
+    chosen blocks of a DiT (None: a UNet, reached through attn1 replacements). ``host_types`` are the host's
+    model config names of the family (for the docs; recognition goes by the diffusion model's class). ``layer_examples`` are layer
     specs shown in the nodes' tooltips; ``image_scales`` gives image pixels per latent pixel for latent formats
     (by class name) where that is not 8 and the host's format does not say; ``known_models`` and ``notes`` feed
     docs/model-families.md.
@@ -33,6 +34,7 @@ class Family:
 
     name: str
     models: str
+    host_types: tuple[str, ...]
     recognise: Callable[[object, str], Layout | None]
     reach: DiTReach | None = None
     layer_examples: str = ""

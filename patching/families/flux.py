@@ -46,6 +46,7 @@ def recognise(diffusion_model, config_name: str) -> DiTLayout | None:
 
 FAMILY = Family(
     name="Flux",
+    host_types=("Flux", "FluxSchnell", "FluxInpaint", "Flux2", "Chroma", "ChromaRadiance"),
     models="Flux.1 dev / schnell / Kontext / Fill and Flux.2 (Flux); Chroma and Chroma Radiance",
     recognise=recognise,
     reach=host_block_marks(),

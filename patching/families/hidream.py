@@ -32,6 +32,7 @@ def recognise(diffusion_model, config_name: str) -> DiTLayout | None:
 
 FAMILY = Family(
     name="HiDream",
+    host_types=("HiDream",),
     models="HiDream I1 (full, dev, fast) and E1",
     recognise=recognise,
     reach=object_patch_marks(

@@ -34,6 +34,7 @@ def recognise(diffusion_model, config_name: str) -> DiTLayout | None:
 
 FAMILY = Family(
     name="HunyuanVideo",
+    host_types=("HunyuanVideo", "HunyuanVideoI2V", "HunyuanVideoSkyreelsI2V"),
     models="HunyuanVideo",
     recognise=recognise,
     reach=host_block_marks(token_order=TokenOrder.IMAGE_FIRST, frames=True),

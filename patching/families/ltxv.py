@@ -32,6 +32,7 @@ def recognise(diffusion_model, config_name: str) -> DiTLayout | None:
 
 FAMILY = Family(
     name="LTX-Video",
+    host_types=("LTXV",),
     models="LTX-Video",
     recognise=recognise,
     reach=video_block_marks(),

@@ -33,6 +33,7 @@ def recognise(diffusion_model, config_name: str) -> DiTLayout | None:
 
 FAMILY = Family(
     name="Z-Image / Lumina 2",
+    host_types=("ZImage", "Lumina2"),
     models="Z-Image (Turbo, base) and Lumina 2 (NextDiT)",
     recognise=recognise,
     # the first noise refiner runs on the image stream alone (its tokens and their padding)

@@ -28,6 +28,7 @@ def recognise(diffusion_model, config_name: str) -> DiTLayout | None:
 
 FAMILY = Family(
     name="Qwen-Image",
+    host_types=("QwenImage",),
     models="Qwen-Image and Qwen-Image-Edit",
     recognise=recognise,
     reach=host_block_marks(),

@@ -14,6 +14,7 @@ from .family import Family, KnownModel, published_defaults, ranges
 
 
 def mmdit_grid(latent_size, patch_size) -> tuple[int, int]:
+    """(H + 1) // patch by (W + 1) // patch: MMDiT's cropped position embedding and unpatchify."""
     height, width = latent_size[-2:]  # MMDiT.cropped_pos_embed / unpatchify: (h + 1) // p
     return (height + 1) // patch_size, (width + 1) // patch_size
 
@@ -48,6 +49,7 @@ def recognise(diffusion_model, config_name: str) -> DiTLayout | None:
 
 FAMILY = Family(
     name="SD3",
+    host_types=("SD3", "SD35"),
     models="SD3 / SD3.5 (MMDiT)",
     recognise=recognise,
     reach=joint_block_marks(token_grid=mmdit_grid),

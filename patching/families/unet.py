@@ -27,6 +27,8 @@ def recognise(diffusion_model, config_name: str) -> AttentionLayout | None:
 
 FAMILY = Family(
     name="UNet",
+    host_types=("SD15", "SD20", "SD21UnclipL", "SD21UnclipH", "SDXL", "SDXLRefiner", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B", "SD_X4Upscaler", "SD15_instructpix2pix",
+                "SDXL_instructpix2pix", "LotusD"),
     models="SD1.x, SD2.x (eps and v-prediction) and SDXL-style UNets",
     recognise=recognise,
     layer_examples="'mid', 'down_blocks.2', 'up_blocks.0.attentions.1' (diffusers), 'm0', 'u0.4', 'd2.2-9' (paper / "

@@ -37,6 +37,8 @@ def recognise(diffusion_model, config_name: str) -> DiTLayout | None:
 
 FAMILY = Family(
     name="Wan",
+    host_types=("WAN21_T2V", "WAN21_I2V", "WAN21_FunControl2V", "WAN21_Vace", "WAN21_Camera", "WAN22_T2V", "WAN21_HuMo",
+                "WAN22_Camera"),
     models="Wan 2.1 / 2.2 (T2V, I2V, TI2V 5B)",
     recognise=recognise,
     reach=video_block_marks(),
