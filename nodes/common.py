@@ -34,3 +34,14 @@ def layer_input() -> io.String.Input:
             f"first step. Same syntax as PAG's layers. {_examples()}. A wrong name lists the model's layers."
         ),
     )
+
+
+def window_inputs(method: str, outside: str) -> list[io.Float.Input]:
+    """``start_percent`` and ``end_percent``: where in the sampling schedule ``method`` acts; ``outside`` says what
+    the node skips outside the window."""
+    return [
+        io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
+                       tooltip=f"Sampling progress (of the model's noise range) where {method} starts."),
+        io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
+                       tooltip=f"Sampling progress where {method} stops. Outside the window {outside}."),
+    ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..patching.pag import PAGSettings, apply_pag
-from .common import CATEGORY, layers_input
+from .common import CATEGORY, layers_input, window_inputs
 
 
 class PerturbedAttentionGuidance(io.ComfyNode):
@@ -29,14 +29,7 @@ class PerturbedAttentionGuidance(io.ComfyNode):
                     "adaptive_scale", default=0.0, min=0.0, max=1.0, step=0.0001, round=0.0001,
                     tooltip="diffusers' pag_adaptive_scale: scale falls by this much per timestep, max(0, s - a*(1000 - t)). 0 = constant.",
                 ),
-                io.Float.Input(
-                    "start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
-                    tooltip="Sampling progress (of the model's noise range) where PAG starts.",
-                ),
-                io.Float.Input(
-                    "end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
-                    tooltip="Sampling progress where PAG stops. Outside the window no extra work is done.",
-                ),
+                *window_inputs("PAG", "no extra work is done"),
                 io.Float.Input(
                     "rescale", default=0.0, min=0.0, max=1.0, step=0.01,
                     tooltip="CFG-rescale of the guided result toward the positive prediction's std (Lin et al.). 0 = off.",

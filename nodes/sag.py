@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..patching.sag import SAGSettings, apply_sag
-from .common import CATEGORY, layer_input
+from .common import CATEGORY, layer_input, window_inputs
 
 
 class SelfAttentionGuidance(io.ComfyNode):
@@ -40,14 +40,7 @@ class SelfAttentionGuidance(io.ComfyNode):
                     tooltip="Gaussian kernel size in latent pixels, odd (diffusers 9). Shrunk automatically on tiny latents.",
                 ),
                 layer_input(),
-                io.Float.Input(
-                    "start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
-                    tooltip="Sampling progress (of the model's noise range) where SAG starts.",
-                ),
-                io.Float.Input(
-                    "end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
-                    tooltip="Sampling progress where SAG stops. Outside the window nothing is recorded or evaluated.",
-                ),
+                *window_inputs("SAG", "nothing is recorded or evaluated"),
             ],
             outputs=[io.Model.Output()],
         )

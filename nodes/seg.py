@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..patching.seg import SEGSettings, apply_seg
-from .common import CATEGORY, layers_input
+from .common import CATEGORY, layers_input, window_inputs
 
 
 class SmoothedEnergyGuidance(io.ComfyNode):
@@ -33,14 +33,7 @@ class SmoothedEnergyGuidance(io.ComfyNode):
                     "the paper's best FID. Smaller is weaker; SEG-SDXL's README shows 100 and suggests 1, 4, 16, ...",
                 ),
                 layers_input(),
-                io.Float.Input(
-                    "start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
-                    tooltip="Sampling progress (of the model's noise range) where SEG starts.",
-                ),
-                io.Float.Input(
-                    "end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
-                    tooltip="Sampling progress where SEG stops. Outside the window no extra work is done.",
-                ),
+                *window_inputs("SEG", "no extra work is done"),
             ],
             outputs=[io.Model.Output()],
         )
