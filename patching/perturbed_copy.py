@@ -113,6 +113,6 @@ class PerturbedCopy:
                     "run, so it adds nothing. Either a node applied after it replaced the same attention (an "
                     "attn1 replacement or the attention override) without calling the one before: apply "
                     "attention guidance last; or this ComfyUI does not mark the transformer blocks of this "
-                    "model (Flux, Chroma and Qwen-Image need the block_type / block_index that ComfyUI 0.3.75 "
-                    "sets and 0.3.64 does not): update ComfyUI.", self.node, self.layers)
+                    "model (families reached through the host's block_type / block_index marks need ComfyUI 0.3.75 "
+                    "or later; see docs/model-families.md): update ComfyUI.", self.node, self.layers)
         return scale, x0_perturbed

@@ -193,14 +193,14 @@ def from_frames(frames: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def sag_latent(latent: torch.Tensor) -> torch.Tensor:
-    """The latent SAG maps and blurs: an image ``[B, C, H, W]`` (also the one frame of Qwen-Image's
+    """The latent SAG maps and blurs: an image ``[B, C, H, W]`` (also the one frame of a
     ``[B, C, 1, H, W]``), or a video ``[B, C, T, H, W]`` as it is."""
     return latent if latent.ndim == 5 and latent.shape[2] > 1 else single_frame(latent)
 
 
 def single_frame(latent: torch.Tensor) -> torch.Tensor:
     """The ``[B, C, H, W]`` image of a latent: itself, or the one frame of a latent with a time axis
-    (Qwen-Image's Wan 2.1 latent is ``[B, C, 1, H, W]``). SAG's mask and blur work on that image."""
+    (an image model on a video VAE's latent, ``[B, C, 1, H, W]``). SAG's mask and blur work on that image."""
     if latent.ndim == 5 and latent.shape[2] == 1:
         return latent[:, :, 0]
     if latent.ndim != 4:
