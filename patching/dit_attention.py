@@ -286,8 +286,12 @@ def install_dit_handler(model, dit: DiTModel, blocks: list[DiTBlock], handler: H
 
 
 def patch_size_of(diffusion_model):
-    """The model's patch size: an int, or one per latent axis (video DiTs; a patchifier's where the model has one)."""
+    """The model's patch size: an int, or one per latent axis (video DiTs; a patchifier's where the model has one;
+    ``(patch_temporal, patch_spatial, patch_spatial)`` where the model names its two patch sizes so)."""
     size = getattr(diffusion_model, "patch_size", None)
     if size is None and hasattr(diffusion_model, "patchifier"):
         size = diffusion_model.patchifier.patch_size
+    if size is None and hasattr(diffusion_model, "patch_spatial") and hasattr(diffusion_model, "patch_temporal"):
+        spatial = int(diffusion_model.patch_spatial)
+        size = (int(diffusion_model.patch_temporal), spatial, spatial)
     return tuple(int(p) for p in size) if isinstance(size, (tuple, list)) else int(size)

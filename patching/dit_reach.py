@@ -4,7 +4,7 @@ The host (0.3.75, comfy/ldm/modules/attention.py ``wrap_attn``) calls
 ``transformer_options["optimized_attention_override"](func, *args, **kwargs)`` wherever a model hands
 transformer_options to ``optimized_attention`` (``dit_attention`` installs ours). What an attention call
 does not say is which block it comes from and where its text and image tokens lie. Each family reaches its
-blocks in one of four ways (``DiTReach``, chosen in the family's registry module):
+blocks in one of five ways (``DiTReach``, chosen in the family's registry module):
 
 - ``host_block_marks``: the model sets ``transformer_options["block_type"]`` ("double" / "single") and
   ``["block_index"]`` before each block and offers ``("double_block", i)`` block replacements. The text
@@ -19,6 +19,9 @@ blocks in one of four ways (``DiTReach``, chosen in the family's registry module
 - ``object_patch_marks``: no block index and no block replacement; an object patch on each chosen block's
   ``forward`` (the host's ``add_object_patch``, undone when the model is unpatched) names the block, and one on
   the module that first sees the image stream alone measures it; the text is the sequence less that stream.
+- ``video_object_patch_marks``: no block index and no block replacement, video-only self-attention: an object
+  patch on each chosen block's ``forward`` marks it as ``video_block_marks`` does, with the space-time token
+  count of the block's input (every axis of it but the batch and the channels).
 
 Token counts are always measured, never guessed; the latent's size comes from an APPLY_MODEL wrapper
 (``dit_attention``), for the token grid.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from typing import Callable
 
 from ..guidance_core.layer_spec import DiTBlock
@@ -271,3 +275,38 @@ def object_patch_marks(*, measured_at: str, argument: str, token_order: TokenOrd
     return DiTReach(mechanism=f"object patches on each chosen block's forward name it; the image stream is "
                     f"measured at {measured_at}", locate=_locate_object_marked, install=install, token_order=token_order,
                     text_length_site=text_length_site, extra_image_tokens=extra_image_tokens)
+
+
+# video_object_patch_marks ------------------------------------------------------------------------------------
+def _mark_video_block_forward(block: DiTBlock):
+    """Run the block with its transformer_options carrying a fresh ``VideoBlockMark`` (its input's space-time
+    token count: ``[B, L, C]`` or ``[B, T, H, W, C]``). In place, as ``_mark_block``: the dict is this
+    forward's own; the mark is taken off when the block returns."""
+
+    def run(previous, args, kwargs):
+        options = kwargs.get("transformer_options")
+        tokens = args[0] if args else None
+        if options is None or tokens is None:
+            return previous(*args, **kwargs)
+        mark = VideoBlockMark(block, math.prod(tokens.shape[1:-1]))
+        options[GUIDANCE_OPTIONS] = {**options.get(GUIDANCE_OPTIONS, {}), VIDEO_BLOCK: mark}
+        try:
+            return previous(*args, **kwargs)
+        finally:
+            options[GUIDANCE_OPTIONS] = {k: v for k, v in options[GUIDANCE_OPTIONS].items() if k != VIDEO_BLOCK}
+
+    return run
+
+
+def _install_video_object_marks(model, blocks) -> None:
+    for block in blocks:
+        patch_block_forward(model, block.host_name, _mark_video_block_forward(block))
+
+
+def video_object_patch_marks() -> DiTReach:
+    """Object patches on each chosen block's ``forward`` (which must take the video tokens first and
+    transformer_options as a keyword) that mark it as ``video_block_marks`` does."""
+    return DiTReach(mechanism="object patches on each chosen block's forward mark it with its input's space-time "
+                    "token count; its first attention over that many tokens is the self-attention",
+                    locate=_locate_video, install=_install_video_object_marks, token_order=TokenOrder.VIDEO_ONLY,
+                    frames=True, text_length_site="each chosen block")
