@@ -27,6 +27,14 @@ Families (see ``DIT_CONFIGS``):
 - ``hidream``: ``comfy.supported_models.HiDream`` + ``comfy.model_base.HiDream``: 2 double-stream and 3
   single-stream blocks (2 heads of 32 channels, 4 routed experts, 2 active) over ``cat(image, text)``; its
   text is T5's tokens and, per block, a Llama layer's (``conditioning_llama3``, 4 layers here).
+- ``hunyuan_video15``: ``comfy.supported_models.HunyuanVideo15`` + ``comfy.model_base.HunyuanVideo15``: the host's
+  HunyuanVideo class with HunyuanVideo 1.5's real 54 double-stream blocks (no single-stream block), 3-D patches of
+  1, ByT5 glyph tokens (``conditioning_byt5small``) and the condition-type embedding.
+- ``hunyuan_image21``: ``comfy.supported_models.HunyuanImage21`` + ``comfy.model_base.HunyuanImage21``: the same
+  class with HunyuanImage 2.1's real 20 double- and 40 single-stream blocks, 2-D patches of 1.
+- ``cosmos_predict2`` / ``cosmos_predict2_i2v``: ``comfy.supported_models.CosmosT2IPredict2`` / ``CosmosI2VPredict2``
+  + ``comfy.model_base.CosmosPredict2`` (MiniTrainDIT) with the 2B model's real 28 blocks; Text2Image on a
+  one-frame latent, Video2World on ``VIDEO_FRAMES`` frames.
 
 Weights are random but fixed by ``seed`` (``support.models.initialise_weights``; the MMDiT's
 ``pos_embed`` buffer gets the same treatment); fp32 on the CPU. One forward at an 8x8 latent
@@ -57,9 +65,12 @@ from attention_guidance.patching.options import chunk_ids
 from .models import initialise_weights
 
 DIT_FAMILIES = ("sd3", "sd35", "flux", "flux2", "chroma", "chroma_radiance", "qwen_image", "lumina2", "z_image",
-                "hidream", "wan21", "wan21_i2v", "wan22_ti2v", "hunyuan_video", "ltxv")
+                "hidream", "wan21", "wan21_i2v", "wan22_ti2v", "hunyuan_video", "ltxv", "hunyuan_video15",
+                "hunyuan_image21", "cosmos_predict2", "cosmos_predict2_i2v")
 # families whose latents are videos, [B, C, T, H, W]; their test latents have VIDEO_FRAMES frames
-VIDEO_FAMILIES = ("wan21", "wan21_i2v", "wan22_ti2v", "hunyuan_video", "ltxv")
+VIDEO_FAMILIES = ("wan21", "wan21_i2v", "wan22_ti2v", "hunyuan_video", "ltxv", "hunyuan_video15", "cosmos_predict2_i2v")
+BYT5_DIM = 1472  # ByT5-small's width, which the host's ByT5Mapper takes (HunyuanVideo 1.5's glyph tokens)
+VISION_DIM = 32  # image embeddings fed to HunyuanVideo 1.5's vision_in (SigLIP's 1152 in the real one)
 VIDEO_FRAMES = 3
 
 CONTEXT_DIM = 48  # text encoder width fed to the model (T5/CLIP features in the real ones)
@@ -236,6 +247,34 @@ DIT_CONFIGS["ltxv"] = {
     "image_model": "ltxv", "in_channels": 128, "cross_attention_dim": 64, "attention_head_dim": 32,
     "num_attention_heads": 2, "caption_channels": CONTEXT_DIM, "num_layers": 3,
 }
+DIT_CONFIGS["hunyuan_video15"] = {
+    # HunyuanVideo 1.5 (comfy.model_detection, 0.3.75) at 64 channels with its real 54 double-stream blocks and no
+    # single-stream block: 3-D patches of 1, 32 latent + 32 image + 1 mask channels in, ByT5 glyph tokens and image
+    # embeddings (vision_in) joined to the text with the condition-type embedding
+    **DIT_CONFIGS["hunyuan_video"], "in_channels": 65, "out_channels": 32, "vec_in_dim": None, "depth": 54,
+    "depth_single_blocks": 0, "patch_size": [1, 1, 1], "guidance_embed": False, "byt5": True,
+    "use_cond_type_embedding": True, "vision_in_dim": VISION_DIM,
+}
+DIT_CONFIGS["hunyuan_image21"] = {
+    # HunyuanImage 2.1 (comfy.model_detection, 0.3.75) at 64 channels with its real 20 double- and 40 single-stream
+    # blocks: 2-D patches of 1 on its 64-channel latent, 2 RoPE axes
+    **DIT_CONFIGS["hunyuan_video"], "in_channels": 64, "out_channels": 64, "vec_in_dim": None, "depth": 20,
+    "depth_single_blocks": 40, "axes_dim": [16, 16], "patch_size": [1, 1], "guidance_embed": False,
+}
+DIT_CONFIGS["cosmos_predict2"] = {
+    # Cosmos Predict2 2B Text2Image (comfy.model_detection, 0.3.75) at 64 channels with its real 28 blocks: a
+    # video-only self-attention, a cross-attention to the text and an MLP per block, 2x2 spatial patches
+    "image_model": "cosmos_predict2", "max_img_h": 240, "max_img_w": 240, "max_frames": 128, "in_channels": 16,
+    "out_channels": 16, "patch_spatial": 2, "patch_temporal": 1, "model_channels": 64, "num_blocks": 28,
+    "num_heads": 2, "concat_padding_mask": True, "crossattn_emb_channels": CONTEXT_DIM, "pos_emb_cls": "rope3d",
+    "pos_emb_learnable": True, "pos_emb_interpolation": "crop", "min_fps": 1, "max_fps": 30, "use_adaln_lora": True,
+    "adaln_lora_dim": 16, "extra_per_block_abs_pos_emb": False, "rope_h_extrapolation_ratio": 4.0,
+    "rope_w_extrapolation_ratio": 4.0, "rope_t_extrapolation_ratio": 1.0, "extra_h_extrapolation_ratio": 1.0,
+    "extra_w_extrapolation_ratio": 1.0, "extra_t_extrapolation_ratio": 1.0, "rope_enable_fps_modulation": False,
+}
+# Cosmos Predict2 Video2World: one more input channel (the mask of the given frames)
+DIT_CONFIGS["cosmos_predict2_i2v"] = {**DIT_CONFIGS["cosmos_predict2"], "in_channels": 17,
+                                      "rope_h_extrapolation_ratio": 3.0, "rope_w_extrapolation_ratio": 3.0}
 _MODEL_CLASSES = {
     "sd3": (comfy.supported_models.SD3, comfy.model_base.SD3),
     "sd35": (comfy.supported_models.SD3, comfy.model_base.SD3),
@@ -254,6 +293,11 @@ _MODEL_CLASSES = {
         config, image_to_video=True, device=device)),
     "hunyuan_video": (comfy.supported_models.HunyuanVideo, comfy.model_base.HunyuanVideo),
     "ltxv": (comfy.supported_models.LTXV, comfy.model_base.LTXV),
+    "hunyuan_video15": (comfy.supported_models.HunyuanVideo15, comfy.model_base.HunyuanVideo15),
+    "hunyuan_image21": (comfy.supported_models.HunyuanImage21, comfy.model_base.HunyuanImage21),
+    "cosmos_predict2": (comfy.supported_models.CosmosT2IPredict2, comfy.model_base.CosmosPredict2),
+    "cosmos_predict2_i2v": (comfy.supported_models.CosmosI2VPredict2, lambda config, device: comfy.model_base.CosmosPredict2(
+        config, image_to_video=True, device=device)),
 }
 
 
@@ -318,6 +362,8 @@ def make_dit_conditioning(family: str, batch: int = 1, seed: int = 0, tokens: in
             extras["guidance"] = 3.5
         if family == "hidream":
             extras["conditioning_llama3"] = torch.randn(batch, LLAMA_LAYERS, tokens, CONTEXT_DIM, generator=generator)
+        if family == "hunyuan_video15":  # the glyph tokens of its ByT5 encoder (the text in quotes)
+            extras["conditioning_byt5small"] = torch.randn(batch, 3, BYT5_DIM, generator=generator)
         if family == "ltxv":  # the LTX-Video text encoder's padding mask: the last two tokens are padding
             extras["attention_mask"] = torch.tensor([[1] * (tokens - 2) + [0] * 2] * batch)
         return [[torch.randn(batch, tokens, CONTEXT_DIM, generator=generator), extras]]
