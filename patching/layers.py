@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..guidance_core.layer_spec import DiTBlock, DiTLayout, LayerSpecError, Method, describe_sites
+from ..guidance_core.layer_spec import DiTLayout, LayerSpecError, Method, describe_sites
 from .dit_attention import DiTModel, patch_size_of
 from .families import Recognised, UnsupportedModelError, recognise
 
@@ -22,10 +22,6 @@ class ChosenLayers:
     resolved: str
     sites: tuple
     in_use: str  # "Perturbed-Attention Guidance on this Flux model: layers 'auto' = double.7-9 (...)."
-
-    @property
-    def label(self) -> str:
-        return f"'{self.resolved}'"
 
     @property
     def on_dit(self) -> bool:
@@ -62,6 +58,3 @@ def dit_model(model, chosen: ChosenLayers) -> DiTModel:
     return DiTModel(family=chosen.model.layout.family, reach=chosen.model.family.reach,
                     patch_size=patch_size_of(model.get_model_object("diffusion_model")))
 
-
-def blocks_of(chosen: ChosenLayers) -> list[DiTBlock]:
-    return list(chosen.sites)
