@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..patching.families import FAMILIES
+from ..patching.perturbed_uncond import PLACEMENT_TOOLTIP, Placement
 
 CATEGORY = "model_patches/attention_guidance"
 
@@ -34,3 +35,10 @@ def layer_input() -> io.String.Input:
             f"first step. Same syntax as PAG's layers. {_examples()}. A wrong name lists the model's layers."
         ),
     )
+
+
+def placement_input() -> io.Combo.Input:
+    """PAG's and SEG's ``placement``: the last input, optional, so that workflows saved before it keep their
+    meaning (the default is the behaviour they had)."""
+    return io.Combo.Input("placement", options=Placement.options(), default=Placement.OWN_BRANCH.value,
+                          optional=True, tooltip=PLACEMENT_TOOLTIP)

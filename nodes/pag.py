@@ -4,7 +4,8 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..patching.pag import PAGSettings, apply_pag
-from .common import CATEGORY, layers_input
+from ..patching.perturbed_uncond import Placement
+from .common import CATEGORY, layers_input, placement_input
 
 
 class PerturbedAttentionGuidance(io.ComfyNode):
@@ -41,12 +42,14 @@ class PerturbedAttentionGuidance(io.ComfyNode):
                     "rescale", default=0.0, min=0.0, max=1.0, step=0.01,
                     tooltip="CFG-rescale of the guided result toward the positive prediction's std (Lin et al.). 0 = off.",
                 ),
+                placement_input(),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model, scale, layers, adaptive_scale, start_percent, end_percent, rescale) -> io.NodeOutput:
+    def execute(cls, model, scale, layers, adaptive_scale, start_percent, end_percent, rescale,
+                placement=Placement.OWN_BRANCH.value) -> io.NodeOutput:
         settings = PAGSettings(scale=scale, layers=layers, adaptive_scale=adaptive_scale, start_percent=start_percent,
-                               end_percent=end_percent, rescale=rescale)
+                               end_percent=end_percent, rescale=rescale, placement=placement)
         return io.NodeOutput(apply_pag(model, settings))

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..patching.perturbed_uncond import Placement
 from ..patching.seg import SEGSettings, apply_seg
-from .common import CATEGORY, layers_input
+from .common import CATEGORY, layers_input, placement_input
 
 
 class SmoothedEnergyGuidance(io.ComfyNode):
@@ -41,12 +42,14 @@ class SmoothedEnergyGuidance(io.ComfyNode):
                     "end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
                     tooltip="Sampling progress where SEG stops. Outside the window no extra work is done.",
                 ),
+                placement_input(),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model, scale, blur_sigma, layers, start_percent, end_percent) -> io.NodeOutput:
+    def execute(cls, model, scale, blur_sigma, layers, start_percent, end_percent,
+                placement=Placement.OWN_BRANCH.value) -> io.NodeOutput:
         settings = SEGSettings(scale=scale, blur_sigma=blur_sigma, layers=layers, start_percent=start_percent,
-                               end_percent=end_percent)
+                               end_percent=end_percent, placement=placement)
         return io.NodeOutput(apply_seg(model, settings))
