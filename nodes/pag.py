@@ -23,7 +23,8 @@ class PerturbedAttentionGuidance(io.ComfyNode):
                 io.Model.Input("model"),
                 io.Float.Input(
                     "scale", default=3.0, min=0.0, max=100.0, step=0.01, round=0.01,
-                    tooltip="PAG scale s in cfg + s * (cond - perturbed). 3.0 with CFG, about 5.0 alone. 0 disables.",
+                    tooltip="PAG scale s in cfg + s * (cond - perturbed). 3.0 with CFG, about 5.0 alone. 0 disables. With "
+                    "placement 'uncond branch' only on (above 0) or off (0).",
                 ),
                 layers_input(),
                 io.Float.Input(

@@ -25,7 +25,8 @@ class SmoothedEnergyGuidance(io.ComfyNode):
                 io.Float.Input(
                     "scale", default=3.0, min=0.0, max=100.0, step=0.01, round=0.01,
                     tooltip="SEG scale in cfg + scale * (cond - blurred). 3.0: the paper's and SEG-SDXL's fixed "
-                    "setting (raise it if infinite blur is not enough). 0 disables.",
+                    "setting (raise it if infinite blur is not enough). 0 disables. With placement 'uncond branch' only on "
+                    "(above 0) or off (0).",
                 ),
                 io.Float.Input(
                     "blur_sigma", default=10000.0, min=0.0, max=9999999.0, step=0.1, round=0.01,
