@@ -19,7 +19,7 @@ from .displacement import DisplacementGuard
 from .layers import ChosenLayers, dit_model
 from .options import PERTURBED, chunk_ids, guidance_options, options_for_chunks
 from .post_cfg_watch import PostCfgWatch
-from .run_state import clear_after_sampling, log_once_per_run
+from .run_state import GuidanceRun, clear_after_sampling, log_once_per_run
 from .unet_attention import install_site_handler, require_own_queries
 
 # UNet: perturb(q, k, v, extra_options, attend) for the copy's rows ([B, L, heads * D]); attend(q, k, v)
@@ -109,13 +109,11 @@ class PerturbedCopy:
         self.watch = PostCfgWatch(model, node)
         self._perturbed_x0 = add_batched_positive_copy(
             model, instance, lambda base_model, sigma: scale_at(base_model, sigma) > 0.0, self.watch)
-        # this run: "reached" once a chosen layer computed the perturbed rows, "checked" after the first
-        # guided step looked at it
-        self.run: dict = {}
+        self.run = GuidanceRun()
         clear_after_sampling(model, self.run)
 
         def perturbing():
-            self.run["reached"] = True
+            self.run.reached = True
 
         install_perturbation(model, chosen, instance=instance, node=node, label=label, perturbing=perturbing,
                              perturb_unet=perturb_unet, perturb_dit=perturb_dit)
@@ -128,10 +126,10 @@ class PerturbedCopy:
             return None
         x0_perturbed = self._perturbed_x0(args)
         log_once_per_run(self.run, self.in_use)
-        if not self.run.get("checked"):
+        if not self.run.checked:
             # the first guided step of a run always runs the model (a cache such as EasyCache has
             # nothing to serve yet), so a layer that was not reached here is never reached
-            self.run["checked"] = True
-            if not self.run.get("reached"):
+            self.run.checked = True
+            if not self.run.reached:
                 warn_unreached(self.node, self.layers)
         return scale, x0_perturbed

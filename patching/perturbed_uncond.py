@@ -27,7 +27,7 @@ import comfy.patcher_extension
 from .layers import ChosenLayers
 from .options import COPIES, EXTRA_PASS, PERTURBED, guidance_options, with_guidance_options
 from .perturbed_copy import DiTPerturbation, UNetPerturbation, install_perturbation, warn_unreached
-from .run_state import WRAPPER_KEY, clear_after_sampling, log_once_per_run
+from .run_state import WRAPPER_KEY, GuidanceRun, clear_after_sampling, log_once_per_run
 
 NEGATIVE = 1  # the host's cond id of the negative in the sampler's [positive, negative] call
 
@@ -75,15 +75,12 @@ class PerturbedUncond:
         self.layers = chosen.resolved
         self.in_use = chosen.in_use
         instance = uuid.uuid4().hex
-        # this run: "reached" once a chosen layer computed perturbed rows, "checked" after the first perturbed
-        # forward, "warned" once the node said it does nothing, "other_guider" where the guider has no
-        # [positive, negative] call
-        run: dict = {}
+        run = GuidanceRun()
         self.run = run
         clear_after_sampling(model, run)
 
         def perturbing():
-            run["reached"] = True
+            run.reached = True
 
         install_perturbation(model, chosen, instance=instance, node=node, label=label, perturbing=perturbing,
                              perturb_unet=perturb_unet, perturb_dit=perturb_dit)
@@ -95,7 +92,7 @@ class PerturbedUncond:
             # the lists the guider asked for, less the copies default-placement nodes batched (wrapped outside)
             lists = [i for i in range(len(conds)) if i not in ours.get(COPIES, {})]
             if lists != [0, NEGATIVE] or conds[0] is None:
-                run["other_guider"] = True
+                run.other_guider = True
                 self._does_nothing(
                     "the sampler's guider does not evaluate the model as [positive, negative] "
                     "(DualCFGGuider and PerpNegGuider evaluate other lists), so there is no CFG negative to "
@@ -109,9 +106,9 @@ class PerturbedUncond:
             options = with_guidance_options(model_options, **{PERTURBED: {instance: NEGATIVE}})
             out = executor(base_model, conds, x_in, timestep, options)
             log_once_per_run(run, self.in_use)
-            if not run.get("checked"):
-                run["checked"] = True
-                if not run.get("reached"):
+            if not run.checked:
+                run.checked = True
+                if not run.reached:
                     warn_unreached(self.node, self.layers)
             return out
 
@@ -122,7 +119,7 @@ class PerturbedUncond:
             if cond_scale is not None and math.isclose(float(cond_scale), 1.0):  # a negative was computed (cfg-1 optimisation off), unused
                 self._does_nothing_at_cfg_1()
                 return args["denoised"]
-            if finish is None or run.get("other_guider") or not active_at(args["model"], args["sigma"]):
+            if finish is None or run.other_guider or not active_at(args["model"], args["sigma"]):
                 return args["denoised"]
             return finish(args)
 
@@ -131,8 +128,8 @@ class PerturbedUncond:
         model.set_model_sampler_post_cfg_function(post_cfg_function)
 
     def _does_nothing(self, why: str) -> None:
-        if not self.run.get("warned"):
-            self.run["warned"] = True
+        if not self.run.warned:
+            self.run.warned = True
             logging.warning("%s with placement '%s' does nothing in this run: %s.", self.node,
                             Placement.UNCOND.value, why)
 
