@@ -197,7 +197,7 @@ def test_a_layer_the_model_does_not_have_is_found_by_that_check(object_info):
 def test_a_widget_value_for_an_input_our_node_does_not_have_fails(object_info):
     workflow = load_example("sd15_pag_unconditional_cfg1")
     node = next(n for n in workflow["nodes"] if n["type"] == "AG_PerturbedAttentionGuidance")
-    node["widgets_values"].append(0.5)
+    node["widgets_values"] += ["own branch", 0.5]  # placement (saved before it existed), then one value too many
     with pytest.raises(WorkflowError, match=r"names an input this node does not have"):
         ui_to_api(workflow, object_info)
 
