@@ -4,7 +4,7 @@ The host (0.3.75, comfy/ldm/modules/attention.py ``wrap_attn``) calls
 ``transformer_options["optimized_attention_override"](func, *args, **kwargs)`` wherever a model hands
 transformer_options to ``optimized_attention`` (``dit_attention`` installs ours). What an attention call
 does not say is which block it comes from and where its text and image tokens lie. Each family reaches its
-blocks in one of five ways (``DiTReach``, chosen in the family's registry module):
+blocks in one of six ways (``DiTReach``, chosen in the family's registry module):
 
 - ``host_block_marks``: the model sets ``transformer_options["block_type"]`` ("double" / "single") and
   ``["block_index"]`` before each block and offers ``("double_block", i)`` block replacements. The text
@@ -13,6 +13,10 @@ blocks in one of five ways (``DiTReach``, chosen in the family's registry module
 - ``joint_block_marks``: no block index (0.3.75); a block replacement on each chosen block runs the block with
   a copy of transformer_options that names it and carries its text and image token counts. A block may also
   run an image-only self-attention with the same options, told apart by its length.
+- ``joint_and_single_block_marks``: no block index, double (joint) blocks whose text and image come in
+  separate streams and single blocks that run on their concatenation: ``joint_block_marks`` on the double
+  blocks; a block replacement on each chosen single block names it with the text length measured at the first
+  double block (written there into the dict the model hands every block) and the rest of its input as image.
 - ``video_block_marks``: no block index; a block replacement on each chosen block marks it with its token count;
   the first call of the block whose queries and keys both have that many tokens is its self-attention, every
   later call (the cross-attention to the text) goes to the previous override untouched.
@@ -196,6 +200,53 @@ def joint_block_marks(*, token_grid=patch_grid) -> DiTReach:
     return DiTReach(mechanism="a block replacement on each chosen block names it and carries its text and image "
                     "token counts", locate=_locate_joint, install=_install_joint_marks, token_grid=token_grid,
                     text_length_site="each chosen block")
+
+
+# joint_and_single_block_marks --------------------------------------------------------------------------------
+def _locate_joint_or_single(options: dict) -> Located:
+    ours = guidance_options(options)
+    mark = ours.get(JOINT_BLOCK)
+    if mark is not None:
+        return Located(mark.block, mark.text_tokens, mark)
+    block = ours.get(MARKED_BLOCK)  # a single block run without the text length (see _mark_single_block)
+    return Located(block) if block is not None else NOT_LOCATED
+
+
+def _mark_single_block(block: DiTBlock):
+    """Run a single block (its ``img`` is ``cat(text, image)``) with a copy of transformer_options that names it
+    and carries its text and image token counts; where no text length was measured (another node replaced the
+    first double block without running ours) it only names the block, and the handler says so."""
+
+    def run(args, extra, previous_block):
+        options = args["transformer_options"]
+        text = guidance_options(options).get(TEXT_TOKENS)
+        if text is None:
+            ours = {MARKED_BLOCK: block}
+        else:
+            ours = {JOINT_BLOCK: JointBlockMark(block, text, args["img"].shape[1] - text)}
+        return previous_block(dict(args, transformer_options=_with_ours(options, **ours)), extra)
+
+    return run
+
+
+def _install_joint_and_single_marks(model, blocks) -> None:
+    for block in blocks:
+        if block.kind == "single":
+            replace_block(model, "single_block", block.index, _mark_single_block(block))
+        else:
+            replace_block(model, "double_block", block.index, _mark_joint_block(block))
+    # last, so that it runs first: it writes the text length into the forward's own dict before a mark on the
+    # first double block copies it
+    replace_block(model, "double_block", 0, _stamp_text_tokens)
+
+
+def joint_and_single_block_marks(*, token_grid=patch_grid) -> DiTReach:
+    """Block replacements (``double_block`` with ``txt`` and ``img``, ``single_block`` with ``img`` = ``cat(text,
+    image)``) that name each chosen block and carry its text and image token counts; the text first."""
+    return DiTReach(mechanism="a block replacement on each chosen double or single block names it and carries its "
+                    "text and image token counts; the text length of the single blocks is measured at the first "
+                    "double block", locate=_locate_joint_or_single, install=_install_joint_and_single_marks,
+                    token_grid=token_grid, text_length_site="its first double block")
 
 
 # video_block_marks -------------------------------------------------------------------------------------------
