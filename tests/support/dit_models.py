@@ -35,6 +35,12 @@ Families (see ``DIT_CONFIGS``):
 - ``cosmos_predict2`` / ``cosmos_predict2_i2v``: ``comfy.supported_models.CosmosT2IPredict2`` / ``CosmosI2VPredict2``
   + ``comfy.model_base.CosmosPredict2`` (MiniTrainDIT) with the 2B model's real 28 blocks; Text2Image on a
   one-frame latent, Video2World on ``VIDEO_FRAMES`` frames.
+- ``auraflow``: ``comfy.supported_models.AuraFlow`` + ``comfy.model_base.AuraFlow`` (the AuraFlow MMDiT) with
+  AuraFlow's real 4 double-stream and 32 single-stream blocks (2 heads of 32 channels), 2x2 patches of the
+  4-channel SDXL latent, 8 register tokens before the text.
+- ``omnigen2``: ``comfy.supported_models.Omnigen2`` + ``comfy.model_base.Omnigen2`` with OmniGen2's real 32 main
+  layers and 2 layers in each refiner (2 query heads sharing 1 key/value head, as its 21 / 7); its conditioning
+  carries the text encoder's ``attention_mask`` (the host takes the text length from it).
 
 Weights are random but fixed by ``seed`` (``support.models.initialise_weights``; the MMDiT's
 ``pos_embed`` buffer gets the same treatment); fp32 on the CPU. One forward at an 8x8 latent
@@ -66,7 +72,7 @@ from .models import initialise_weights
 
 DIT_FAMILIES = ("sd3", "sd35", "flux", "flux2", "chroma", "chroma_radiance", "qwen_image", "lumina2", "z_image",
                 "hidream", "wan21", "wan21_i2v", "wan22_ti2v", "hunyuan_video", "ltxv", "hunyuan_video15",
-                "hunyuan_image21", "cosmos_predict2", "cosmos_predict2_i2v")
+                "hunyuan_image21", "cosmos_predict2", "cosmos_predict2_i2v", "auraflow", "omnigen2")
 # families whose latents are videos, [B, C, T, H, W]; their test latents have VIDEO_FRAMES frames
 VIDEO_FAMILIES = ("wan21", "wan21_i2v", "wan22_ti2v", "hunyuan_video", "ltxv", "hunyuan_video15", "cosmos_predict2_i2v")
 BYT5_DIM = 1472  # ByT5-small's width, which the host's ByT5Mapper takes (HunyuanVideo 1.5's glyph tokens)
@@ -275,6 +281,19 @@ DIT_CONFIGS["cosmos_predict2"] = {
 # Cosmos Predict2 Video2World: one more input channel (the mask of the given frames)
 DIT_CONFIGS["cosmos_predict2_i2v"] = {**DIT_CONFIGS["cosmos_predict2"], "in_channels": 17,
                                       "rope_h_extrapolation_ratio": 3.0, "rope_w_extrapolation_ratio": 3.0}
+DIT_CONFIGS["auraflow"] = {
+    # AuraFlow (comfy.model_detection, 0.3.75: n_double_layers 4, n_layers 36, max_seq 4096) at 64 channels
+    "cond_seq_dim": CONTEXT_DIM, "in_channels": 4, "out_channels": 4, "patch_size": 2, "dim": 64, "n_layers": 36,
+    "n_double_layers": 4, "n_heads": 2, "global_conddim": 64, "max_seq": 16 * 16,
+}
+DIT_CONFIGS["omnigen2"] = {
+    # OmniGen2 (comfy.model_detection, 0.3.75: 32 layers, 2 refiner layers, 21 heads sharing 7 key/value heads)
+    # at 64 channels
+    "image_model": "omnigen2", "axes_dim_rope": [8, 12, 12], "axes_lens": [300, 512, 512], "ffn_dim_multiplier": None,
+    "hidden_size": 64, "in_channels": 16, "multiple_of": 16, "norm_eps": 1e-05, "num_attention_heads": 2,
+    "num_kv_heads": 1, "num_layers": 32, "num_refiner_layers": 2, "out_channels": None, "patch_size": 2,
+    "text_feat_dim": CONTEXT_DIM, "timestep_scale": 1000.0,
+}
 _MODEL_CLASSES = {
     "sd3": (comfy.supported_models.SD3, comfy.model_base.SD3),
     "sd35": (comfy.supported_models.SD3, comfy.model_base.SD3),
@@ -298,6 +317,8 @@ _MODEL_CLASSES = {
     "cosmos_predict2": (comfy.supported_models.CosmosT2IPredict2, comfy.model_base.CosmosPredict2),
     "cosmos_predict2_i2v": (comfy.supported_models.CosmosI2VPredict2, lambda config, device: comfy.model_base.CosmosPredict2(
         config, image_to_video=True, device=device)),
+    "auraflow": (comfy.supported_models.AuraFlow, comfy.model_base.AuraFlow),
+    "omnigen2": (comfy.supported_models.Omnigen2, comfy.model_base.Omnigen2),
 }
 
 
@@ -366,6 +387,10 @@ def make_dit_conditioning(family: str, batch: int = 1, seed: int = 0, tokens: in
             extras["conditioning_byt5small"] = torch.randn(batch, 3, BYT5_DIM, generator=generator)
         if family == "ltxv":  # the LTX-Video text encoder's padding mask: the last two tokens are padding
             extras["attention_mask"] = torch.tensor([[1] * (tokens - 2) + [0] * 2] * batch)
+        if family == "omnigen2":
+            # its text encoder's mask, from which the host takes the text length (num_tokens); one prompt's, as the
+            # text encoder gives it: the host (0.3.75) sums the whole mask, so a batch of masks would overcount
+            extras["attention_mask"] = torch.ones(1, tokens, dtype=torch.long)
         return [[torch.randn(batch, tokens, CONTEXT_DIM, generator=generator), extras]]
 
     positive = encode()

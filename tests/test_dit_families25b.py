@@ -1,0 +1,401 @@
+"""PAG, SEG and SAG on more families of issue #25 in the real host: AuraFlow (its MMDiT, reached through block
+replacements on its double and single blocks) and OmniGen2 (reached through object patches on its main layers),
+on narrow models with their real block counts (support.dit_models); the block names against the host's (and,
+for AuraFlow, diffusers') full-size module trees; the defaults; which attention calls are reached; PAG against an
+identity attention of the test's own; SEG at infinite blur against a mean query of the test's own; SAG's mask
+against one computed here."""
+import comfy.model_base
+import comfy.model_patcher
+import comfy.supported_models
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import AuraFlowTransformer2DModel
+
+from attention_guidance.nodes.pag import PerturbedAttentionGuidance
+from attention_guidance.nodes.sag import SelfAttentionGuidance
+from attention_guidance.nodes.seg import SmoothedEnergyGuidance
+from attention_guidance.patching.families import recognise
+from attention_guidance.patching.sag import with_sag_mask_probe
+from support.dit_models import count_forwards, empty_dit_latent, make_dit_conditioning, noisy_dit_latent
+from support.dit_models import tiny_dit as tiny
+from support.models import denoise_once, sample
+
+FAMILIES = ["auraflow", "omnigen2"]
+# a block per family, spelled as the host, diffusers or the short name
+BLOCK = {"auraflow": "single_layers.20", "omnigen2": "layers.20"}
+# text tokens before the image in the guided blocks: AuraFlow's 8 register tokens and the 7 text tokens
+TEXT_TOKENS = {"auraflow": 15, "omnigen2": 7}
+# attention calls of one forward, in order: AuraFlow's 4 double then 32 single blocks; OmniGen2's 2 context
+# refiner, 2 noise refiner layers (no reference image), then its 32 layers
+CALLS = {"auraflow": 36, "omnigen2": 36}
+
+
+def first_call(family, block):
+    """The position of the block's attention among one forward's calls."""
+    if family == "auraflow":
+        return block.index + (4 if block.kind == "single" else 0)
+    return 4 + block.index
+
+
+def pag(model, layers, scale=3.0):
+    return PerturbedAttentionGuidance.execute(model, scale, layers, 0.0, 0.0, 1.0, 0.0).result[0]
+
+
+def seg(model, layers, scale=3.0, blur_sigma=10.0):
+    return SmoothedEnergyGuidance.execute(model, scale, blur_sigma, layers, 0.0, 1.0).result[0]
+
+
+def sag(model, layer, scale=0.75):
+    return SelfAttentionGuidance.execute(model, scale, 1.0, 1.0, 9, layer, 0.0, 1.0).result[0]
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def with_override(model, override):
+    clone = model.clone()
+    clone.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
+    return clone
+
+
+def recording(model, calls):
+    def record(func, *args, **kwargs):
+        calls.append((dict(kwargs.get("transformer_options") or {}), args, kwargs))
+        return func(*args, **kwargs)
+
+    return with_override(model, record)
+
+
+def latent(family, hw=(8, 10), batch=1, sigma=0.6, seed=1):
+    return noisy_dit_latent(tiny(family), sigma, shape=(batch, 16, *hw), seed=seed)
+
+
+def chosen(family, spec):
+    (block,) = recognise(tiny(family), "test").layout.select(spec)
+    return block
+
+
+# --- block names, recognition and defaults on the full-size architectures ----------------------------------
+
+AURAFLOW_FULL = {"cond_seq_dim": 2048, "max_seq": 4096, "n_double_layers": 4, "n_layers": 36}  # model_detection
+OMNIGEN2_FULL = {  # comfy.model_detection of the OmniGen2 checkpoint
+    "image_model": "omnigen2", "axes_dim_rope": [40, 40, 40], "axes_lens": [1024, 1664, 1664],
+    "ffn_dim_multiplier": None, "hidden_size": 2520, "in_channels": 16, "multiple_of": 256, "norm_eps": 1e-05,
+    "num_attention_heads": 21, "num_kv_heads": 7, "num_layers": 32, "num_refiner_layers": 2, "out_channels": None,
+    "patch_size": 2, "text_feat_dim": 2048, "timestep_scale": 1000.0,
+}
+FULL_SIZE = {
+    "auraflow": (comfy.supported_models.AuraFlow, comfy.model_base.AuraFlow, AURAFLOW_FULL,
+                 lambda: AuraFlowTransformer2DModel(), {"double": 4, "single": 32}, ("single.16", "single.16"),
+                 "AuraFlow"),
+    # diffusers has no OmniGen2 model (its own repository names the layers as the host does)
+    "omnigen2": (comfy.supported_models.Omnigen2, comfy.model_base.Omnigen2, OMNIGEN2_FULL, None, {"single": 32},
+                 ("single.18", "single.18"), "OmniGen2"),
+}
+
+
+def full_size(which):
+    config_class, model_class, unet_config = FULL_SIZE[which][:3]
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model_class(config_class(dict(unet_config)), device="meta"),
+                                            load_device=cpu, offload_device=cpu)
+
+
+@pytest.mark.parametrize("which", FULL_SIZE)
+def test_every_block_name_is_a_module_of_the_host_and_of_diffusers(which):
+    patcher = full_size(which)
+    recognised = recognise(patcher, "test")
+    layout = recognised.layout
+    assert recognised.family.name == FULL_SIZE[which][6]
+    assert layout.depths == FULL_SIZE[which][4]
+    host_modules = dict(patcher.model.diffusion_model.named_modules())
+    diffusers_modules = None
+    if FULL_SIZE[which][3] is not None:
+        with torch.device("meta"):
+            diffusers_modules = dict(FULL_SIZE[which][3]().named_modules())
+    for block in layout.sites:
+        assert block.host_name in host_modules, block
+        assert f"{block.host_name}.attn" in host_modules, block  # the block's self-attention module
+        if diffusers_modules is not None:
+            assert block.diffusers_name in diffusers_modules, block
+        for spelling in (block.index_name, block.diffusers_name, block.host_name):
+            assert layout.select(spelling) == [block]
+
+
+@pytest.mark.parametrize("which", FULL_SIZE)
+def test_full_size_defaults_name_blocks_with_a_source(which):
+    layout = recognise(full_size(which), "test").layout
+    assert (layout.default_layers("pag"), layout.default_layers("sag")) == FULL_SIZE[which][5]
+    assert layout.default_layers("seg") == layout.default_layers("pag")
+    for method in ("pag", "sag"):
+        assert layout.select(layout.resolve("auto", method))
+    source = layout.default_source("pag")
+    assert "none published" in source and "block 13 of 24" in source
+    assert "none published for SAG" in layout.default_source("sag")
+
+
+def test_an_auraflow_without_single_blocks_has_only_double_ones():
+    layout = recognise(tiny("auraflow"), "test").layout
+    assert [block.index_name for block in layout.select("double")] == [f"double.{i}" for i in range(4)]
+    assert len(layout.select("single")) == 32
+
+
+# --- PAG: the identity attention of the image tokens of the chosen block ------------------------------------
+
+def position_of_call(family, block):
+    """An override's view of one forward: True for the chosen block's attention call, counted by position."""
+    seen = {"calls": 0}
+
+    def at_block():
+        position = seen["calls"] % CALLS[family]
+        seen["calls"] += 1
+        return position == first_call(family, block)
+
+    return at_block
+
+
+def identity_at(family, spec):
+    """The chosen block's attention with the image tokens (after the text) attending only to themselves and the
+    text, the text to everything; every other call as it was."""
+    at_block = position_of_call(family, chosen(family, spec))
+
+    def identity(func, q, k, v, heads, *args, **kwargs):
+        if not at_block():
+            return func(q, k, v, heads, *args, **kwargs)
+        length, text = q.shape[2], TEXT_TOKENS[family]
+        mask = torch.zeros(length, length)
+        mask[text:, text:] = float("-inf")
+        mask[range(text, length), range(text, length)] = 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return out.transpose(1, 2).reshape(q.shape[0], length, -1)
+
+    return identity
+
+
+@pytest.mark.parametrize("cfg", [4.0, 1.0])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pag_is_the_identity_attention_of_the_image_tokens_of_the_chosen_block(family, cfg):
+    model = tiny(family)
+    positive, negative = make_dit_conditioning(family, batch=1, seed=3)
+    x, sigma = latent(family, hw=(8, 12))
+    spec = BLOCK[family]
+    plain = denoise_once(model, positive, negative, x, sigma, cfg)
+    cond = denoise_once(model, positive, negative, x, sigma, 1.0)
+    perturbed = denoise_once(with_override(model, identity_at(family, spec)), positive, negative, x, sigma, 1.0)
+    expected = plain + 3.0 * (cond - perturbed)  # paper Eq. 14 with the test's own identity attention
+    ours = denoise_once(pag(model, spec), positive, negative, x, sigma, cfg)
+    assert rel_err(ours, expected) < 1e-4
+    assert rel_err(ours, plain) > 1e-2
+
+
+def test_pag_on_an_auraflow_double_block_is_the_identity_attention_of_its_image_tokens():
+    model = tiny("auraflow")
+    positive, negative = make_dit_conditioning("auraflow", batch=1, seed=5)
+    x, sigma = latent("auraflow", hw=(8, 12))
+    spec = "joint_transformer_blocks.2"
+    plain = denoise_once(model, positive, negative, x, sigma, 4.0)
+    cond = denoise_once(model, positive, negative, x, sigma, 1.0)
+    perturbed = denoise_once(with_override(model, identity_at("auraflow", spec)), positive, negative, x, sigma, 1.0)
+    ours = denoise_once(pag(model, spec), positive, negative, x, sigma, 4.0)
+    assert rel_err(ours, plain + 3.0 * (cond - perturbed)) < 1e-4
+    assert rel_err(ours, plain) > 1e-2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pag_reaches_only_the_attention_of_the_chosen_blocks(family):
+    # the override under PAG sees every call of the batched forward with all three chunks, except the chosen
+    # blocks' attention, whose perturbed chunk is PAG's own
+    model = tiny(family)
+    positive, negative = make_dit_conditioning(family, batch=1, seed=4)
+    x, sigma = latent(family)
+    specs = {"auraflow": "double.0, double.3, single.0, single.31", "omnigen2": "single.0, single.31"}[family]
+    blocks = recognise(model, "test").layout.select(specs)
+    calls = []
+    patched = pag(recording(model, calls), specs)
+    with count_forwards(patched) as forwards:
+        out = denoise_once(patched, positive, negative, x, sigma, 4.0)
+    assert torch.isfinite(out).all()
+    assert [sorted(f.cond_or_uncond) for f in forwards] == [[0, 1, 2]]
+    expected = [3] * CALLS[family]
+    for block in blocks:
+        expected[first_call(family, block)] = 2
+    assert [args[0].shape[0] for _, args, _ in calls] == expected
+    image = 4 * 5  # an 8x10 latent in 2x2 patches
+    lengths = [args[0].shape[2] for _, args, _ in calls]  # [B, heads, L, D]
+    if family == "auraflow":
+        assert lengths == [TEXT_TOKENS[family] + image] * CALLS[family]
+    else:  # the context refiners on the text, the noise refiners on the image, then the joint layers
+        assert lengths == [7, 7, image, image] + [7 + image] * 32
+
+
+# --- SAG: the key mass of the image tokens of the chosen block ----------------------------------------------
+
+def _expected_mask(q, k, image, grid, latent_hw):
+    probs = (q.double() @ k.double().transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)[:, :, image, image]
+    probs = probs / probs.sum(-1, keepdim=True)
+    mass = probs.mean(1).sum(1)  # [B, image tokens]
+    frames = (mass > 1.0).double().reshape(-1, 1, *grid)
+    return F.interpolate(frames, size=latent_hw, mode="nearest").float()
+
+
+@pytest.mark.parametrize("latent_hw", [(8, 10), (6, 12), (7, 9)])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sag_mask_is_the_key_mass_of_the_image_tokens_of_the_chosen_block(family, latent_hw):
+    model = tiny(family)
+    x, sigma = latent(family, hw=latent_hw, sigma=0.5)
+    positive, negative = make_dit_conditioning(family, batch=1, seed=6)
+    spec = BLOCK[family]
+    block = chosen(family, spec)
+    calls, kept = [], []
+    denoise_once(with_sag_mask_probe(sag(recording(model, calls), spec), kept.append), positive, negative, x, sigma, 4.0)
+    grid = ((latent_hw[0] + 1) // 2, (latent_hw[1] + 1) // 2)  # odd sizes padded to the patch
+    options, args, _ = calls[first_call(family, block)]
+    text = TEXT_TOKENS[family]
+    assert args[0].shape[2] == text + grid[0] * grid[1]
+    uncond = options["cond_or_uncond"].index(1)  # SAG's reference under CFG
+    q, k = args[0][uncond:uncond + 1], args[1][uncond:uncond + 1]
+    expected = _expected_mask(q, k, slice(text, None), grid, latent_hw)
+    assert kept[0].shape == (1, 1, *latent_hw)
+    assert 0 < kept[0].mean() < 1
+    assert torch.equal(kept[0], expected)
+
+
+# --- every method guides, through the sampler, at the defaults and on chosen blocks ----------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_method_guides_a_sampled_non_square_latent_and_stays_finite(family):
+    model = tiny(family)
+    positive, negative = make_dit_conditioning(family, batch=2, seed=8)
+    start = empty_dit_latent(model, (2, 16, 6, 10))
+    plain = sample(model, positive, negative, start, steps=3, cfg=3.5, seed=3)
+    for name, patched in (("pag", pag(model, "auto")), ("seg", seg(model, "auto")), ("sag", sag(model, "auto")),
+                          ("sag+pag", pag(sag(model, BLOCK[family]), BLOCK[family])), ("seg", seg(model, BLOCK[family]))):
+        out = sample(patched, positive, negative, start, steps=3, cfg=3.5, seed=3)
+        assert out.shape == plain.shape
+        assert torch.isfinite(out).all()
+        # SEG's blurred queries move a random-weight model's near-uniform attention far less than PAG's identity
+        # does (its size is checked against the equation below); PAG and SAG move the sample by more than 0.1 %
+        assert rel_err(out, plain) > (1e-6 if name == "seg" else 1e-3), name
+    assert torch.equal(sample(model, positive, negative, start, steps=3, cfg=3.5, seed=3), plain)  # model untouched
+
+
+SEG_BLOCK = {"auraflow": "double.0", "omnigen2": "single.0"}
+
+
+def mean_queries_at(family, spec):
+    """The chosen block's attention with every image query the mean of the image queries (SEG's infinite blur),
+    the text queries keeping theirs; every other call as it was."""
+    at_block = position_of_call(family, chosen(family, spec))
+
+    def mean_queries(func, q, k, v, heads, *args, **kwargs):
+        if not at_block():
+            return func(q, k, v, heads, *args, **kwargs)
+        text = TEXT_TOKENS[family]
+        q = q.clone()  # [B, heads, L, D], the text first
+        q[:, :, text:] = q[:, :, text:].mean(2, keepdim=True)
+        return func(q, k, v, heads, *args, **kwargs)
+
+    return mean_queries
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_seg_at_infinite_blur_is_the_mean_query_of_the_image_in_the_chosen_block(family):
+    model = tiny(family)
+    positive, negative = make_dit_conditioning(family, batch=1, seed=9)
+    x, sigma = latent(family, hw=(8, 12))
+    spec = SEG_BLOCK[family]  # the first joint block, whose queries still differ most from token to token
+    plain = denoise_once(model, positive, negative, x, sigma, 4.0)
+    cond = denoise_once(model, positive, negative, x, sigma, 1.0)
+    perturbed = denoise_once(with_override(model, mean_queries_at(family, spec)), positive, negative, x, sigma, 1.0)
+    calls = []
+    ours = denoise_once(seg(recording(model, calls), spec, blur_sigma=10000.0), positive, negative, x, sigma, 4.0)
+    assert rel_err(cond, perturbed) > 1e-5
+    assert rel_err(ours - plain, 3.0 * (cond - perturbed)) < 5e-2
+    # the chosen attention is run twice: the perturbed chunk with its blurred queries, the rest as they were
+    rows = [args[0].shape[0] for _, args, _ in calls]
+    assert rows.count(1) == 1 and rows.count(2) == 1 and set(rows) == {1, 2, 3}
+
+
+@pytest.mark.parametrize("node", ["pag", "sag"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_rows_are_guided_independently(family, node):
+    model = tiny(family)
+    x, sigma = latent(family, batch=2)
+    positive, negative = make_dit_conditioning(family, batch=2, seed=10)
+    patched = (pag if node == "pag" else sag)(model, BLOCK[family])
+    both = denoise_once(patched, positive, negative, x, sigma, 4.0)
+    for i in range(2):
+        row = [[[c[0][i:i + 1], {k: (v[i:i + 1] if torch.is_tensor(v) and v.shape[:1] == (2,) else v)
+                                 for k, v in c[1].items()}] for c in conditioning] for conditioning in (positive, negative)]
+        single = denoise_once(patched, row[0], row[1], x[i:i + 1], sigma, 4.0)
+        assert rel_err(single, both[i:i + 1]) < 1e-4
+
+
+# --- the ways in: AuraFlow's text length, OmniGen2's object patches -------------------------------------------
+
+def test_an_auraflow_single_block_without_its_measured_text_length_fails_clearly():
+    # another node's replacement of the first double block that does not run ours: the single blocks cannot
+    # know where the image starts, and the node says so instead of guessing
+    model = tiny("auraflow")
+    positive, negative = make_dit_conditioning("auraflow", batch=1, seed=11)
+    x, sigma = latent("auraflow")
+    patched = pag(model, "single.3")
+
+    def elsewhere(args, extra):
+        return extra["original_block"](args)
+
+    patched.set_model_patch_replace(elsewhere, "dit", "double_block", 0)
+    with pytest.raises(RuntimeError, match="text length.*first double block"):
+        denoise_once(patched, positive, negative, x, sigma, 4.0)
+
+
+def test_an_object_patch_on_an_omnigen2_layer_is_gone_from_the_unpatched_model():
+    model = tiny("omnigen2")
+    patched = pag(model, "single.3")
+    assert "diffusion_model.layers.3.forward" in patched.object_patches
+    assert "diffusion_model.noise_refiner.0.forward" in patched.object_patches
+    assert "diffusion_model.layers.3.forward" not in model.object_patches
+
+
+def test_omnigen2_with_a_reference_image_guides_the_generated_image_tokens_only():
+    # the reference image's tokens come between the text and the image: SAG's map is the key mass of the generated
+    # image's own tokens (the last ones), PAG's identity keeps the reference's and the text's rows as they were
+    model = tiny("omnigen2")
+    positive, negative = make_dit_conditioning("omnigen2", batch=1, seed=12)
+    reference = torch.randn(1, 16, 6, 8, generator=torch.Generator().manual_seed(2))
+    positive, negative = ([[c[0][0], {**c[0][1], "reference_latents": [reference]}]] for c in (positive, negative))
+    x, sigma = latent("omnigen2", hw=(8, 10), sigma=0.5)
+    spec = BLOCK["omnigen2"]
+    block = chosen("omnigen2", spec)
+    text, ref, image = 7, 3 * 4, 4 * 5
+    calls, kept = [], []
+    denoise_once(with_sag_mask_probe(sag(recording(model, calls), spec), kept.append), positive, negative, x, sigma,
+                 4.0)
+    # the context and noise refiners, the reference refiners, then the layers
+    options, args, _ = calls[6 + block.index]
+    assert args[0].shape[2] == text + ref + image
+    uncond = options["cond_or_uncond"].index(1)
+    q, k = args[0][uncond:uncond + 1], args[1][uncond:uncond + 1]
+    assert 0 < kept[0].mean() < 1
+    assert torch.equal(kept[0], _expected_mask(q, k, slice(text + ref, None), (4, 5), (8, 10)))
+    seen = {"calls": 0}
+
+    def identity(func, q, k, v, heads, *args, **kwargs):
+        position = seen["calls"] % (CALLS["omnigen2"] + 2)
+        seen["calls"] += 1
+        if position != 6 + block.index:
+            return func(q, k, v, heads, *args, **kwargs)
+        length, context = q.shape[2], text + ref
+        mask = torch.zeros(length, length)
+        mask[context:, context:] = float("-inf")
+        mask[range(context, length), range(context, length)] = 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(q.shape[0], length, -1)
+
+    plain = denoise_once(model, positive, negative, x, sigma, 4.0)
+    cond = denoise_once(model, positive, negative, x, sigma, 1.0)
+    perturbed = denoise_once(with_override(model, identity), positive, negative, x, sigma, 1.0)
+    ours = denoise_once(pag(model, spec), positive, negative, x, sigma, 4.0)
+    assert rel_err(ours, plain + 3.0 * (cond - perturbed)) < 1e-4
+    assert rel_err(ours, plain) > 1e-2
