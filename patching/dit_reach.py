@@ -181,10 +181,14 @@ def _locate_joint(options: dict) -> Located:
     return Located(mark.block, mark.text_tokens, mark) if mark is not None else NOT_LOCATED
 
 
-def _mark_joint_block(block: DiTBlock):
+def _text_stream_tokens(args) -> int:
+    text = args.get("txt")
+    return 0 if text is None else text.shape[1]
+
+
+def _mark_joint_block(block: DiTBlock, text_tokens_of: Callable[[dict], int] = _text_stream_tokens):
     def run(args, extra, previous_block):
-        text = args.get("txt")
-        mark = JointBlockMark(block, 0 if text is None else text.shape[1], args["img"].shape[1])
+        mark = JointBlockMark(block, text_tokens_of(args), args["img"].shape[1])
         return previous_block(dict(args, transformer_options=_with_ours(args["transformer_options"], **{JOINT_BLOCK: mark})),
                               extra)
 
@@ -196,10 +200,19 @@ def _install_joint_marks(model, blocks) -> None:
         replace_block(model, "double_block", block.index, _mark_joint_block(block))
 
 
-def joint_block_marks(*, token_grid=patch_grid) -> DiTReach:
+def joint_block_marks(*, token_grid=patch_grid, token_order: TokenOrder = TokenOrder.TEXT_FIRST, frames: bool = False,
+                      text_tokens_of: Callable[[dict], int] | None = None) -> DiTReach:
+    """``text_tokens_of(args)``: the text tokens the block's attention takes, from its replacement's arguments
+    (default: all of the ``txt`` stream's)."""
+    install = _install_joint_marks
+    if text_tokens_of is not None:
+        def install(model, blocks) -> None:
+            for block in blocks:
+                replace_block(model, "double_block", block.index, _mark_joint_block(block, text_tokens_of))
+
     return DiTReach(mechanism="a block replacement on each chosen block names it and carries its text and image "
-                    "token counts", locate=_locate_joint, install=_install_joint_marks, token_grid=token_grid,
-                    text_length_site="each chosen block")
+                    "token counts", locate=_locate_joint, install=install, token_grid=token_grid,
+                    token_order=token_order, frames=frames, text_length_site="each chosen block")
 
 
 # joint_and_single_block_marks --------------------------------------------------------------------------------
