@@ -1,5 +1,6 @@
 """PAG, SEG and SAG on more families of issue #25 in the real host: AuraFlow (its MMDiT, reached through block
-replacements on its double and single blocks) and OmniGen2 (reached through object patches on its main layers),
+replacements on its double and single blocks), OmniGen2 (reached through object patches on its main layers) and
+Mochi (block replacements on its joint video-text blocks),
 on narrow models with their real block counts (support.dit_models); the block names against the host's (and,
 for AuraFlow, diffusers') full-size module trees; the defaults; which attention calls are reached; PAG against an
 identity attention of the test's own; SEG at infinite blur against a mean query of the test's own; SAG's mask
@@ -10,7 +11,7 @@ import comfy.supported_models
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import AuraFlowTransformer2DModel
+from diffusers import AuraFlowTransformer2DModel, MochiTransformer3DModel
 
 from attention_guidance.nodes.pag import PerturbedAttentionGuidance
 from attention_guidance.nodes.sag import SelfAttentionGuidance
@@ -21,21 +22,30 @@ from support.dit_models import count_forwards, empty_dit_latent, make_dit_condit
 from support.dit_models import tiny_dit as tiny
 from support.models import denoise_once, sample
 
-FAMILIES = ["auraflow", "omnigen2"]
+FAMILIES = ["auraflow", "omnigen2", "mochi"]
 # a block per family, spelled as the host, diffusers or the short name
-BLOCK = {"auraflow": "single_layers.20", "omnigen2": "layers.20"}
-# text tokens before the image in the guided blocks: AuraFlow's 8 register tokens and the 7 text tokens
-TEXT_TOKENS = {"auraflow": 15, "omnigen2": 7}
+BLOCK = {"auraflow": "single_layers.20", "omnigen2": "layers.20", "mochi": "transformer_blocks.30.attn1"}
+# text tokens in the guided blocks: AuraFlow's 8 register tokens and the 7 text tokens, before the image;
+# Mochi's 5 real text tokens (the host crops the 2 padding ones), after the video
+TEXT_TOKENS = {"auraflow": 15, "omnigen2": 7, "mochi": 5}
+FRAMES = {"auraflow": 1, "omnigen2": 1, "mochi": 3}
 # attention calls of one forward, in order: AuraFlow's 4 double then 32 single blocks; OmniGen2's 2 context
 # refiner, 2 noise refiner layers (no reference image), then its 32 layers
-CALLS = {"auraflow": 36, "omnigen2": 36}
+CALLS = {"auraflow": 36, "omnigen2": 36, "mochi": 48}
+
+
+def image_part(family, length):
+    """Where the image's tokens are in a guided call of ``length`` tokens."""
+    if family == "mochi":
+        return slice(0, length - TEXT_TOKENS[family])
+    return slice(TEXT_TOKENS[family], length)
 
 
 def first_call(family, block):
     """The position of the block's attention among one forward's calls."""
     if family == "auraflow":
         return block.index + (4 if block.kind == "single" else 0)
-    return 4 + block.index
+    return 4 + block.index if family == "omnigen2" else block.index
 
 
 def pag(model, layers, scale=3.0):
@@ -86,6 +96,13 @@ OMNIGEN2_FULL = {  # comfy.model_detection of the OmniGen2 checkpoint
     "num_attention_heads": 21, "num_kv_heads": 7, "num_layers": 32, "num_refiner_layers": 2, "out_channels": None,
     "patch_size": 2, "text_feat_dim": 2048, "timestep_scale": 1000.0,
 }
+MOCHI_FULL = {  # comfy.model_detection of Mochi 1 preview
+    "image_model": "mochi_preview", "depth": 48, "patch_size": 2, "num_heads": 24, "hidden_size_x": 3072,
+    "hidden_size_y": 1536, "mlp_ratio_x": 4.0, "mlp_ratio_y": 4.0, "learn_sigma": False, "in_channels": 12,
+    "qk_norm": True, "qkv_bias": False, "out_bias": True, "attn_drop": 0.0, "patch_embed_bias": True,
+    "posenc_preserve_area": True, "timestep_mlp_bias": True, "attend_to_padding": False, "timestep_scale": 1000.0,
+    "use_t5": True, "t5_feat_dim": 4096, "t5_token_length": 256, "rope_theta": 10000.0,
+}
 FULL_SIZE = {
     "auraflow": (comfy.supported_models.AuraFlow, comfy.model_base.AuraFlow, AURAFLOW_FULL,
                  lambda: AuraFlowTransformer2DModel(), {"double": 4, "single": 32}, ("single.16", "single.16"),
@@ -93,7 +110,10 @@ FULL_SIZE = {
     # diffusers has no OmniGen2 model (its own repository names the layers as the host does)
     "omnigen2": (comfy.supported_models.Omnigen2, comfy.model_base.Omnigen2, OMNIGEN2_FULL, None, {"single": 32},
                  ("single.18", "single.18"), "OmniGen2"),
+    "mochi": (comfy.supported_models.GenmoMochi, comfy.model_base.GenmoMochi, MOCHI_FULL,
+              lambda: MochiTransformer3DModel(), {"block": 48}, ("block.35", "block.35"), "Mochi"),
 }
+SOURCE = {"auraflow": "block 13 of 24", "omnigen2": "block 13 of 24", "mochi": "layer 35 of Mochi's 48 blocks"}
 
 
 def full_size(which):
@@ -132,7 +152,8 @@ def test_full_size_defaults_name_blocks_with_a_source(which):
     for method in ("pag", "sag"):
         assert layout.select(layout.resolve("auto", method))
     source = layout.default_source("pag")
-    assert "none published" in source and "block 13 of 24" in source
+    assert SOURCE[which] in source
+    assert ("none published" in source) == (which != "mochi")  # Mochi's is STG's published layer
     assert "none published for SAG" in layout.default_source("sag")
 
 
@@ -164,10 +185,11 @@ def identity_at(family, spec):
     def identity(func, q, k, v, heads, *args, **kwargs):
         if not at_block():
             return func(q, k, v, heads, *args, **kwargs)
-        length, text = q.shape[2], TEXT_TOKENS[family]
+        length = q.shape[2]
+        image = image_part(family, length)
         mask = torch.zeros(length, length)
-        mask[text:, text:] = float("-inf")
-        mask[range(text, length), range(text, length)] = 0.0
+        mask[image, image] = float("-inf")
+        mask[range(image.start, image.stop), range(image.start, image.stop)] = 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return out.transpose(1, 2).reshape(q.shape[0], length, -1)
 
@@ -210,7 +232,8 @@ def test_pag_reaches_only_the_attention_of_the_chosen_blocks(family):
     model = tiny(family)
     positive, negative = make_dit_conditioning(family, batch=1, seed=4)
     x, sigma = latent(family)
-    specs = {"auraflow": "double.0, double.3, single.0, single.31", "omnigen2": "single.0, single.31"}[family]
+    specs = {"auraflow": "double.0, double.3, single.0, single.31", "omnigen2": "single.0, single.31",
+             "mochi": "block.0, block.47"}[family]
     blocks = recognise(model, "test").layout.select(specs)
     calls = []
     patched = pag(recording(model, calls), specs)
@@ -222,9 +245,9 @@ def test_pag_reaches_only_the_attention_of_the_chosen_blocks(family):
     for block in blocks:
         expected[first_call(family, block)] = 2
     assert [args[0].shape[0] for _, args, _ in calls] == expected
-    image = 4 * 5  # an 8x10 latent in 2x2 patches
+    image = FRAMES[family] * 4 * 5  # an 8x10 latent in 2x2 patches
     lengths = [args[0].shape[2] for _, args, _ in calls]  # [B, heads, L, D]
-    if family == "auraflow":
+    if family in ("auraflow", "mochi"):
         assert lengths == [TEXT_TOKENS[family] + image] * CALLS[family]
     else:  # the context refiners on the text, the noise refiners on the image, then the joint layers
         assert lengths == [7, 7, image, image] + [7 + image] * 32
@@ -236,13 +259,15 @@ def _expected_mask(q, k, image, grid, latent_hw):
     probs = (q.double() @ k.double().transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)[:, :, image, image]
     probs = probs / probs.sum(-1, keepdim=True)
     mass = probs.mean(1).sum(1)  # [B, image tokens]
-    frames = (mass > 1.0).double().reshape(-1, 1, *grid)
+    frames = (mass > 1.0).double().reshape(-1, 1, *grid[-2:])  # one mask per frame
     return F.interpolate(frames, size=latent_hw, mode="nearest").float()
 
 
 @pytest.mark.parametrize("latent_hw", [(8, 10), (6, 12), (7, 9)])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sag_mask_is_the_key_mass_of_the_image_tokens_of_the_chosen_block(family, latent_hw):
+    if family == "mochi" and latent_hw == (7, 9):
+        pytest.skip("the host's Mochi unpatchifies H // 2 by W // 2: it takes even latent sizes only")
     model = tiny(family)
     x, sigma = latent(family, hw=latent_hw, sigma=0.5)
     positive, negative = make_dit_conditioning(family, batch=1, seed=6)
@@ -250,14 +275,14 @@ def test_sag_mask_is_the_key_mass_of_the_image_tokens_of_the_chosen_block(family
     block = chosen(family, spec)
     calls, kept = [], []
     denoise_once(with_sag_mask_probe(sag(recording(model, calls), spec), kept.append), positive, negative, x, sigma, 4.0)
-    grid = ((latent_hw[0] + 1) // 2, (latent_hw[1] + 1) // 2)  # odd sizes padded to the patch
+    grid = (FRAMES[family], (latent_hw[0] + 1) // 2, (latent_hw[1] + 1) // 2)  # odd sizes padded to the patch
     options, args, _ = calls[first_call(family, block)]
     text = TEXT_TOKENS[family]
-    assert args[0].shape[2] == text + grid[0] * grid[1]
+    assert args[0].shape[2] == text + grid[0] * grid[1] * grid[2]
     uncond = options["cond_or_uncond"].index(1)  # SAG's reference under CFG
     q, k = args[0][uncond:uncond + 1], args[1][uncond:uncond + 1]
-    expected = _expected_mask(q, k, slice(text, None), grid, latent_hw)
-    assert kept[0].shape == (1, 1, *latent_hw)
+    expected = _expected_mask(q, k, image_part(family, args[0].shape[2]), grid, latent_hw)
+    assert kept[0].shape == (FRAMES[family], 1, *latent_hw)
     assert 0 < kept[0].mean() < 1
     assert torch.equal(kept[0], expected)
 
@@ -281,27 +306,29 @@ def test_every_method_guides_a_sampled_non_square_latent_and_stays_finite(family
     assert torch.equal(sample(model, positive, negative, start, steps=3, cfg=3.5, seed=3), plain)  # model untouched
 
 
-SEG_BLOCK = {"auraflow": "double.0", "omnigen2": "single.0"}
+SEG_BLOCK = {"auraflow": "double.0", "omnigen2": "single.0", "mochi": "block.0"}
 
 
 def mean_queries_at(family, spec):
-    """The chosen block's attention with every image query the mean of the image queries (SEG's infinite blur),
-    the text queries keeping theirs; every other call as it was."""
+    """The chosen block's attention with every image query the mean of its frame's image queries (SEG's infinite
+    blur), the text queries keeping theirs; every other call as it was."""
     at_block = position_of_call(family, chosen(family, spec))
 
     def mean_queries(func, q, k, v, heads, *args, **kwargs):
         if not at_block():
             return func(q, k, v, heads, *args, **kwargs)
-        text = TEXT_TOKENS[family]
-        q = q.clone()  # [B, heads, L, D], the text first
-        q[:, :, text:] = q[:, :, text:].mean(2, keepdim=True)
+        image = image_part(family, q.shape[2])
+        q = q.clone()  # [B, heads, L, D], the image's tokens frame by frame
+        per_frame = q[:, :, image].reshape(q.shape[0], q.shape[1], FRAMES[family], -1, q.shape[3])
+        q[:, :, image] = per_frame.mean(3, keepdim=True).expand_as(per_frame).reshape(q.shape[0], q.shape[1], -1,
+                                                                                      q.shape[3])
         return func(q, k, v, heads, *args, **kwargs)
 
     return mean_queries
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_seg_at_infinite_blur_is_the_mean_query_of_the_image_in_the_chosen_block(family):
+def test_seg_at_infinite_blur_is_the_mean_query_of_each_frame_in_the_chosen_block(family):
     model = tiny(family)
     positive, negative = make_dit_conditioning(family, batch=1, seed=9)
     x, sigma = latent(family, hw=(8, 12))

@@ -41,6 +41,10 @@ Families (see ``DIT_CONFIGS``):
 - ``omnigen2``: ``comfy.supported_models.Omnigen2`` + ``comfy.model_base.Omnigen2`` with OmniGen2's real 32 main
   layers and 2 layers in each refiner (2 query heads sharing 1 key/value head, as its 21 / 7); its conditioning
   carries the text encoder's ``attention_mask`` (the host takes the text length from it).
+- ``mochi``: ``comfy.supported_models.GenmoMochi`` + ``comfy.model_base.GenmoMochi`` (AsymmDiTJoint) with Mochi's
+  real 48 blocks (2 heads; video stream 64 wide, text stream 32; the host fixes the video MLP at 12288 wide, so
+  ``mlp_ratio_x`` is 192), 2x2 spatial patches of the 12-channel latent;
+  its conditioning's ``attention_mask`` marks the last two text tokens as padding, which the host crops.
 
 Weights are random but fixed by ``seed`` (``support.models.initialise_weights``; the MMDiT's
 ``pos_embed`` buffer gets the same treatment); fp32 on the CPU. One forward at an 8x8 latent
@@ -72,9 +76,10 @@ from .models import initialise_weights
 
 DIT_FAMILIES = ("sd3", "sd35", "flux", "flux2", "chroma", "chroma_radiance", "qwen_image", "lumina2", "z_image",
                 "hidream", "wan21", "wan21_i2v", "wan22_ti2v", "hunyuan_video", "ltxv", "hunyuan_video15",
-                "hunyuan_image21", "cosmos_predict2", "cosmos_predict2_i2v", "auraflow", "omnigen2")
+                "hunyuan_image21", "cosmos_predict2", "cosmos_predict2_i2v", "auraflow", "omnigen2", "mochi")
 # families whose latents are videos, [B, C, T, H, W]; their test latents have VIDEO_FRAMES frames
-VIDEO_FAMILIES = ("wan21", "wan21_i2v", "wan22_ti2v", "hunyuan_video", "ltxv", "hunyuan_video15", "cosmos_predict2_i2v")
+VIDEO_FAMILIES = ("wan21", "wan21_i2v", "wan22_ti2v", "hunyuan_video", "ltxv", "hunyuan_video15", "cosmos_predict2_i2v",
+                  "mochi")
 BYT5_DIM = 1472  # ByT5-small's width, which the host's ByT5Mapper takes (HunyuanVideo 1.5's glyph tokens)
 VISION_DIM = 32  # image embeddings fed to HunyuanVideo 1.5's vision_in (SigLIP's 1152 in the real one)
 VIDEO_FRAMES = 3
@@ -294,6 +299,14 @@ DIT_CONFIGS["omnigen2"] = {
     "num_kv_heads": 1, "num_layers": 32, "num_refiner_layers": 2, "out_channels": None, "patch_size": 2,
     "text_feat_dim": CONTEXT_DIM, "timestep_scale": 1000.0,
 }
+DIT_CONFIGS["mochi"] = {
+    # Mochi 1 preview (comfy.model_detection, 0.3.75: depth 48, 24 heads, widths 3072 / 1536) at 64 / 32 channels
+    "image_model": "mochi_preview", "depth": 48, "patch_size": 2, "num_heads": 2, "hidden_size_x": 64,
+    "hidden_size_y": 32, "mlp_ratio_x": 192.0, "mlp_ratio_y": 4.0, "learn_sigma": False, "in_channels": 12,
+    "qk_norm": True, "qkv_bias": False, "out_bias": True, "attn_drop": 0.0, "patch_embed_bias": True,
+    "posenc_preserve_area": True, "timestep_mlp_bias": True, "attend_to_padding": False, "timestep_scale": 1000.0,
+    "use_t5": True, "t5_feat_dim": CONTEXT_DIM, "t5_token_length": 256, "rope_theta": 10000.0,
+}
 _MODEL_CLASSES = {
     "sd3": (comfy.supported_models.SD3, comfy.model_base.SD3),
     "sd35": (comfy.supported_models.SD3, comfy.model_base.SD3),
@@ -319,6 +332,7 @@ _MODEL_CLASSES = {
         config, image_to_video=True, device=device)),
     "auraflow": (comfy.supported_models.AuraFlow, comfy.model_base.AuraFlow),
     "omnigen2": (comfy.supported_models.Omnigen2, comfy.model_base.Omnigen2),
+    "mochi": (comfy.supported_models.GenmoMochi, comfy.model_base.GenmoMochi),
 }
 
 
@@ -391,6 +405,8 @@ def make_dit_conditioning(family: str, batch: int = 1, seed: int = 0, tokens: in
             # its text encoder's mask, from which the host takes the text length (num_tokens); one prompt's, as the
             # text encoder gives it: the host (0.3.75) sums the whole mask, so a batch of masks would overcount
             extras["attention_mask"] = torch.ones(1, tokens, dtype=torch.long)
+        if family == "mochi":  # its text encoder's mask, one prompt's (as OmniGen2's): the last two tokens padding
+            extras["attention_mask"] = torch.tensor([[1] * (tokens - 2) + [0] * 2])
         return [[torch.randn(batch, tokens, CONTEXT_DIM, generator=generator), extras]]
 
     positive = encode()
