@@ -12,31 +12,39 @@ per run and from then on tells the node to do no extra work.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
-from .run_state import clear_after_sampling
+from .run_state import RunState, clear_after_sampling
+
+
+@dataclasses.dataclass
+class WatchRun(RunState):
+    post_cfg_ran: bool = False
+    last_sigma: object = None  # the sigma tensor of the last main call
+    skipped: bool = False
 
 
 class PostCfgWatch:
     def __init__(self, model, node: str):
         """Installed on ``model`` (the node's clone); ``node`` names the node in the warning."""
         self.node = node
-        self.run: dict = {}  # this sampling run: "post_cfg_ran", the sigma tensor of the last main call, "skipped"
+        self.run = WatchRun()
         clear_after_sampling(model, self.run)
 
     def guider_skips_post_cfg(self, timestep) -> bool:
         """Call on each main cond call: True once this run's guider is known not to run post-CFG functions."""
-        if self.run.get("skipped"):
+        if self.run.skipped:
             return True
-        if self.run.get("post_cfg_ran"):
+        if self.run.post_cfg_ran:
             return False
         # the values are read (a wait for the device) only at a second main call with no post-CFG call
         # before it, which a guider that runs the post-CFG functions never makes
-        previous = self.run.get("sigma")
-        self.run["sigma"] = timestep
+        previous = self.run.last_sigma
+        self.run.last_sigma = timestep
         if previous is None or float(previous.flatten()[0]) == float(timestep.flatten()[0]):
             return False
-        self.run["skipped"] = True
+        self.run.skipped = True
         logging.warning(
             "%s is off for this run: the sampler's guider evaluated the model at two noise levels without "
             "running the model's post-CFG functions (sampler_post_cfg_function), which is where the guidance "
@@ -46,4 +54,4 @@ class PostCfgWatch:
 
     def post_cfg_ran(self) -> None:
         """Call at the start of the node's post-CFG function."""
-        self.run["post_cfg_ran"] = True
+        self.run.post_cfg_ran = True

@@ -1,6 +1,7 @@
 """State that lives for one sampling run of a patched model, and is dropped when the run ends."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import comfy.patcher_extension
@@ -9,8 +10,18 @@ import comfy.patcher_extension
 WRAPPER_KEY = "attention_guidance"
 
 
-def clear_after_sampling(model, state: dict) -> None:
-    """Empty ``state`` when the host's sampler finishes, also when a step raised or was interrupted:
+@dataclasses.dataclass
+class RunState:
+    """State of one sampling run, as typed fields; ``clear`` puts every field back to its default."""
+
+    def clear(self) -> None:
+        for field in dataclasses.fields(self):
+            default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+            setattr(self, field.name, default)
+
+
+def clear_after_sampling(model, state) -> None:
+    """Empty ``state`` (a dict or a ``RunState``) when the host's sampler finishes, also when a step raised or was interrupted:
     the host runs ON_CLEANUP callbacks in CFGGuider.outer_sample's ``finally`` (0.3.75)."""
     model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, WRAPPER_KEY, lambda patcher: state.clear())
 

@@ -15,10 +15,21 @@ buffer with ``.item()`` too (ModelSamplingDiscrete, 0.3.75). So:
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 from ..guidance_core.schedule import in_sigma_window
-from .run_state import clear_after_sampling
+from .run_state import RunState, clear_after_sampling
+
+
+@dataclasses.dataclass
+class WindowRun(RunState):
+    """What a window caches in one sampling run: its bounds in sigma with the model sampling they were converted
+    by, and the values computed for the last step's sigma tensor."""
+
+    bounds: tuple | None = None  # (model_sampling, sigma at start_percent, sigma at end_percent)
+    step_sigma: object = None
+    step_values: dict = dataclasses.field(default_factory=dict)
 
 
 class SigmaWindow:
@@ -26,7 +37,7 @@ class SigmaWindow:
         """Installed on ``model`` (the node's clone), whose sampling runs clear what it caches."""
         self.start_percent = start_percent
         self.end_percent = end_percent
-        self.run: dict = {}  # this sampling run: "bounds", "step" (the last sigma tensor and its values)
+        self.run = WindowRun()
         clear_after_sampling(model, self.run)
 
     @property
@@ -35,20 +46,18 @@ class SigmaWindow:
 
     def bounds(self, model_sampling) -> tuple[float, float]:
         """(sigma at start_percent, sigma at end_percent) by the model's own conversion, once per run."""
-        cached = self.run.get("bounds")
+        cached = self.run.bounds
         if cached is None or cached[0] is not model_sampling:
             cached = (model_sampling, model_sampling.percent_to_sigma(self.start_percent),
                       model_sampling.percent_to_sigma(self.end_percent))
-            self.run["bounds"] = cached
+            self.run.bounds = cached
         return cached[1], cached[2]
 
     def per_step(self, sigma, name: str, compute: Callable[[], object]):
         """``compute()`` once per sigma tensor (one step's calls share it), cached under ``name``."""
-        step = self.run.get("step")
-        if step is None or step[0] is not sigma:
-            step = (sigma, {})
-            self.run["step"] = step
-        values = step[1]
+        if self.run.step_sigma is not sigma:
+            self.run.step_sigma, self.run.step_values = sigma, {}
+        values = self.run.step_values
         if name not in values:
             values[name] = compute()
         return values[name]
