@@ -342,9 +342,19 @@ def object_patch_marks(*, measured_at: str, argument: str, token_order: TokenOrd
 
 
 # video_object_patch_marks ------------------------------------------------------------------------------------
-def _mark_video_block_forward(block: DiTBlock):
+def _batch_first_tokens(tokens) -> int:
+    """Space-time tokens of a batch-first block input, ``[B, L, C]`` or ``[B, T, H, W, C]``."""
+    return math.prod(tokens.shape[1:-1])
+
+
+def _batch_fourth_tokens(tokens) -> int:
+    """Space-time tokens of a ``[T, H, W, B, C]`` block input (Cosmos 1's "THWBD")."""
+    return math.prod(tokens.shape[:3])
+
+
+def _mark_video_block_forward(block: DiTBlock, count_tokens: Callable = _batch_first_tokens):
     """Run the block with its transformer_options carrying a fresh ``VideoBlockMark`` (its input's space-time
-    token count: ``[B, L, C]`` or ``[B, T, H, W, C]``). In place, as ``_mark_block``: the dict is this
+    token count, ``count_tokens(input)``). In place, as ``_mark_block``: the dict is this
     forward's own; the mark is taken off when the block returns."""
 
     def run(previous, args, kwargs):
@@ -352,7 +362,7 @@ def _mark_video_block_forward(block: DiTBlock):
         tokens = args[0] if args else None
         if options is None or tokens is None:
             return previous(*args, **kwargs)
-        mark = VideoBlockMark(block, math.prod(tokens.shape[1:-1]))
+        mark = VideoBlockMark(block, count_tokens(tokens))
         options[GUIDANCE_OPTIONS] = {**options.get(GUIDANCE_OPTIONS, {}), VIDEO_BLOCK: mark}
         try:
             return previous(*args, **kwargs)
@@ -362,15 +372,19 @@ def _mark_video_block_forward(block: DiTBlock):
     return run
 
 
-def _install_video_object_marks(model, blocks) -> None:
-    for block in blocks:
-        patch_block_forward(model, block.host_name, _mark_video_block_forward(block))
-
-
-def video_object_patch_marks() -> DiTReach:
+def video_object_patch_marks(*, batch_axis: int = 0) -> DiTReach:
     """Object patches on each chosen block's ``forward`` (which must take the video tokens first and
-    transformer_options as a keyword) that mark it as ``video_block_marks`` does."""
+    transformer_options as a keyword) that mark it as ``video_block_marks`` does. ``batch_axis``: where the batch
+    is in the block's input, 0 (``[B, L, C]`` / ``[B, T, H, W, C]``) or 3 (``[T, H, W, B, C]``)."""
+    if batch_axis not in (0, 3):
+        raise ValueError(f"video blocks take their batch first or fourth, not at axis {batch_axis}")
+    count_tokens = _batch_first_tokens if batch_axis == 0 else _batch_fourth_tokens
+
+    def install(model, blocks) -> None:
+        for block in blocks:
+            patch_block_forward(model, block.host_name, _mark_video_block_forward(block, count_tokens))
+
     return DiTReach(mechanism="object patches on each chosen block's forward mark it with its input's space-time "
                     "token count; its first attention over that many tokens is the self-attention",
-                    locate=_locate_video, install=_install_video_object_marks, token_order=TokenOrder.VIDEO_ONLY,
+                    locate=_locate_video, install=install, token_order=TokenOrder.VIDEO_ONLY,
                     frames=True, text_length_site="each chosen block")
