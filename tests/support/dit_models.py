@@ -45,6 +45,9 @@ Families (see ``DIT_CONFIGS``):
   real 48 blocks (2 heads; video stream 64 wide, text stream 32; the host fixes the video MLP at 12288 wide, so
   ``mlp_ratio_x`` is 192), 2x2 spatial patches of the 12-channel latent;
   its conditioning's ``attention_mask`` marks the last two text tokens as padding, which the host crops.
+- ``cosmos1`` / ``cosmos1_i2v``: ``comfy.supported_models.CosmosT2V`` / ``CosmosI2V`` + ``comfy.model_base.CosmosVideo``
+  (GeneralDIT) with the 7B model's real 28 blocks ("FA-CA-MLP", tokens as ``[T, H, W, B, C]``), on
+  ``VIDEO_FRAMES`` latent frames.
 
 Weights are random but fixed by ``seed`` (``support.models.initialise_weights``; the MMDiT's
 ``pos_embed`` buffer gets the same treatment); fp32 on the CPU. One forward at an 8x8 latent
@@ -76,10 +79,10 @@ from .models import initialise_weights
 
 DIT_FAMILIES = ("sd3", "sd35", "flux", "flux2", "chroma", "chroma_radiance", "qwen_image", "lumina2", "z_image",
                 "hidream", "wan21", "wan21_i2v", "wan22_ti2v", "hunyuan_video", "ltxv", "hunyuan_video15",
-                "hunyuan_image21", "cosmos_predict2", "cosmos_predict2_i2v", "auraflow", "omnigen2", "mochi")
+                "hunyuan_image21", "cosmos_predict2", "cosmos_predict2_i2v", "auraflow", "omnigen2", "mochi", "cosmos1", "cosmos1_i2v")
 # families whose latents are videos, [B, C, T, H, W]; their test latents have VIDEO_FRAMES frames
 VIDEO_FAMILIES = ("wan21", "wan21_i2v", "wan22_ti2v", "hunyuan_video", "ltxv", "hunyuan_video15", "cosmos_predict2_i2v",
-                  "mochi")
+                  "mochi", "cosmos1", "cosmos1_i2v")
 BYT5_DIM = 1472  # ByT5-small's width, which the host's ByT5Mapper takes (HunyuanVideo 1.5's glyph tokens)
 VISION_DIM = 32  # image embeddings fed to HunyuanVideo 1.5's vision_in (SigLIP's 1152 in the real one)
 VIDEO_FRAMES = 3
@@ -307,6 +310,18 @@ DIT_CONFIGS["mochi"] = {
     "posenc_preserve_area": True, "timestep_mlp_bias": True, "attend_to_padding": False, "timestep_scale": 1000.0,
     "use_t5": True, "t5_feat_dim": CONTEXT_DIM, "t5_token_length": 256, "rope_theta": 10000.0,
 }
+DIT_CONFIGS["cosmos1"] = {
+    # Cosmos 1 7B Text2World (comfy.model_detection, 0.3.75) at 64 channels with its real 28 blocks
+    "image_model": "cosmos", "max_img_h": 240, "max_img_w": 240, "max_frames": 128, "in_channels": 16,
+    "out_channels": 16, "patch_spatial": 2, "patch_temporal": 1, "model_channels": 64, "block_config": "FA-CA-MLP",
+    "concat_padding_mask": True, "pos_emb_cls": "rope3d", "pos_emb_learnable": False, "pos_emb_interpolation": "crop",
+    "block_x_format": "THWBD", "affline_emb_norm": True, "use_adaln_lora": True, "adaln_lora_dim": 16,
+    "num_blocks": 28, "num_heads": 2, "extra_per_block_abs_pos_emb": True, "rope_h_extrapolation_ratio": 1.0,
+    "rope_w_extrapolation_ratio": 1.0, "rope_t_extrapolation_ratio": 2.0,
+    "extra_per_block_abs_pos_emb_type": "learnable", "crossattn_emb_channels": CONTEXT_DIM,
+}
+# Cosmos 1 Video2World: one more input channel (the mask of the given frames)
+DIT_CONFIGS["cosmos1_i2v"] = {**DIT_CONFIGS["cosmos1"], "in_channels": 17}
 _MODEL_CLASSES = {
     "sd3": (comfy.supported_models.SD3, comfy.model_base.SD3),
     "sd35": (comfy.supported_models.SD3, comfy.model_base.SD3),
@@ -333,6 +348,9 @@ _MODEL_CLASSES = {
     "auraflow": (comfy.supported_models.AuraFlow, comfy.model_base.AuraFlow),
     "omnigen2": (comfy.supported_models.Omnigen2, comfy.model_base.Omnigen2),
     "mochi": (comfy.supported_models.GenmoMochi, comfy.model_base.GenmoMochi),
+    "cosmos1": (comfy.supported_models.CosmosT2V, comfy.model_base.CosmosVideo),
+    "cosmos1_i2v": (comfy.supported_models.CosmosI2V, lambda config, device: comfy.model_base.CosmosVideo(
+        config, image_to_video=True, device=device)),
 }
 
 
