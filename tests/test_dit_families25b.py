@@ -17,7 +17,7 @@ from diffusers import AuraFlowTransformer2DModel, CosmosTransformer3DModel, Moch
 from attention_guidance.nodes.pag import PerturbedAttentionGuidance
 from attention_guidance.nodes.sag import SelfAttentionGuidance
 from attention_guidance.nodes.seg import SmoothedEnergyGuidance
-from attention_guidance.patching.families import recognise
+from attention_guidance.patching.families import UnsupportedModelError, recognise
 from attention_guidance.patching.sag import with_sag_mask_probe
 from support.dit_models import build_dit, count_forwards, empty_dit_latent, make_dit_conditioning, noisy_dit_latent
 from support.dit_models import tiny_dit as tiny
@@ -476,3 +476,67 @@ def test_omnigen2_with_a_reference_image_guides_the_generated_image_tokens_only(
     ours = denoise_once(pag(model, spec), positive, negative, x, sigma, 4.0)
     assert rel_err(ours, plain + 3.0 * (cond - perturbed)) < 1e-4
     assert rel_err(ours, plain) > 1e-2
+
+
+# --- Wan 2.2 Animate: Wan's blocks, with pose latents and a face adapter ---------------------------------------
+
+def test_wan22_animate_is_guided_as_wan_with_its_pose_latents():
+    # its 40 blocks are Wan's (a video self-attention, then the cross-attentions); PAG's perturbed rows are the
+    # identity of the video tokens in the chosen block, the pose latents added to them as the host adds them
+    model = tiny("wan22_animate")
+    recognised = recognise(model, "test")
+    assert (recognised.family.name, recognised.layout.depths) == ("Wan", {"block": 40})
+    assert "WAN22_Animate" in recognised.family.host_types
+    assert (recognised.layout.default_layers("pag"), recognised.layout.default_layers("sag")) == ("block.10", "block.10")
+    pose = torch.randn(1, 16, 2, 8, 12, generator=torch.Generator().manual_seed(4))  # the frames after the reference
+    positive, negative = ([[c[0][0], {**c[0][1], "pose_video_latent": pose}]]
+                          for c in make_dit_conditioning("wan22_animate", batch=1, seed=13))
+    x, sigma = latent("wan22_animate", hw=(8, 12))
+    block = 20
+    seen = {"self_attentions": 0}
+
+    def identity(func, q, k, v, heads, *args, **kwargs):
+        if q.shape[1] != k.shape[1]:  # a cross-attention
+            return func(q, k, v, heads, *args, **kwargs)
+        position = seen["self_attentions"] % 40
+        seen["self_attentions"] += 1
+        return v if position == block else func(q, k, v, heads, *args, **kwargs)  # [B, L, heads * D]
+
+    plain = denoise_once(model, positive, negative, x, sigma, 4.0)
+    cond = denoise_once(model, positive, negative, x, sigma, 1.0)
+    perturbed = denoise_once(with_override(model, identity), positive, negative, x, sigma, 1.0)
+    ours = denoise_once(pag(model, f"blocks.{block}"), positive, negative, x, sigma, 4.0)
+    assert rel_err(ours, plain + 3.0 * (cond - perturbed)) < 1e-4
+    assert rel_err(ours, plain) > 1e-2
+    assert rel_err(denoise_once(model, positive, negative, x, sigma, 1.0),
+                   denoise_once(model, [[positive[0][0], {}]], negative, x, sigma, 1.0)) > 1e-3  # the pose is used
+    start = empty_dit_latent(model, (1, 16, 6, 10))
+    pose = torch.randn(1, 16, 2, 6, 10, generator=torch.Generator().manual_seed(5))
+    positive, negative = ([[c[0][0], {**c[0][1], "pose_video_latent": pose}]] for c in (positive, negative))
+    base = sample(model, positive, negative, start, steps=2, cfg=3.5, seed=3)
+    for patched in (seg(model, "auto"), sag(model, "auto")):
+        out = sample(patched, positive, negative, start, steps=2, cfg=3.5, seed=3)
+        assert torch.isfinite(out).all() and rel_err(out, base) > 1e-6
+
+
+REFUSED = {  # the host's config, its unet_config and what the refusal must say
+    "WAN22_S2V": ({"image_model": "wan2.1", "model_type": "s2v"}, "blocks are run without transformer_options"),
+    "HunyuanDiT": ({"image_model": "hydit"}, "called without transformer_options"),
+    "PixArtSigma": ({"image_model": "pixart_sigma"}, "called without transformer_options"),
+    "PixArtAlpha": ({"image_model": "pixart_alpha"}, "called without transformer_options"),
+    "Stable_Cascade_C": ({"stable_cascade_stage": "c"}, "image and text tokens together"),
+}
+
+
+@pytest.mark.parametrize("config_name", REFUSED)
+def test_the_types_left_out_are_refused_saying_why(config_name):
+    unet_config, why = REFUSED[config_name]
+    config = getattr(comfy.supported_models, config_name)(dict(unet_config))
+    cpu = torch.device("cpu")
+    patcher = comfy.model_patcher.ModelPatcher(config.get_model({}, device="meta"), load_device=cpu,
+                                               offload_device=cpu)
+    with pytest.raises(UnsupportedModelError) as error:
+        recognise(patcher, "Perturbed-Attention Guidance")
+    message = str(error.value)
+    assert config_name in message and "nothing" in message and why in message
+    assert all(name in message for name in ("AuraFlow", "OmniGen2", "Mochi", "Cosmos 1", "Animate"))

@@ -79,10 +79,11 @@ from .models import initialise_weights
 
 DIT_FAMILIES = ("sd3", "sd35", "flux", "flux2", "chroma", "chroma_radiance", "qwen_image", "lumina2", "z_image",
                 "hidream", "wan21", "wan21_i2v", "wan22_ti2v", "hunyuan_video", "ltxv", "hunyuan_video15",
-                "hunyuan_image21", "cosmos_predict2", "cosmos_predict2_i2v", "auraflow", "omnigen2", "mochi", "cosmos1", "cosmos1_i2v")
+                "hunyuan_image21", "cosmos_predict2", "cosmos_predict2_i2v", "auraflow", "omnigen2", "mochi", "cosmos1", "cosmos1_i2v",
+                "wan22_animate")
 # families whose latents are videos, [B, C, T, H, W]; their test latents have VIDEO_FRAMES frames
 VIDEO_FAMILIES = ("wan21", "wan21_i2v", "wan22_ti2v", "hunyuan_video", "ltxv", "hunyuan_video15", "cosmos_predict2_i2v",
-                  "mochi", "cosmos1", "cosmos1_i2v")
+                  "mochi", "cosmos1", "cosmos1_i2v", "wan22_animate")
 BYT5_DIM = 1472  # ByT5-small's width, which the host's ByT5Mapper takes (HunyuanVideo 1.5's glyph tokens)
 VISION_DIM = 32  # image embeddings fed to HunyuanVideo 1.5's vision_in (SigLIP's 1152 in the real one)
 VIDEO_FRAMES = 3
@@ -310,6 +311,9 @@ DIT_CONFIGS["mochi"] = {
     "posenc_preserve_area": True, "timestep_mlp_bias": True, "attend_to_padding": False, "timestep_scale": 1000.0,
     "use_t5": True, "t5_feat_dim": CONTEXT_DIM, "t5_token_length": 256, "rope_theta": 10000.0,
 }
+# Wan 2.2 Animate 14B (comfy.model_detection, 0.3.75: model_type "animate") with its real 40 blocks: Wan I2V's
+# blocks, pose latents added to the patch embedding, a face adapter after every fifth block
+DIT_CONFIGS["wan22_animate"] = {**_WAN21, "model_type": "animate", "in_dim": 36, "num_layers": 40}
 DIT_CONFIGS["cosmos1"] = {
     # Cosmos 1 7B Text2World (comfy.model_detection, 0.3.75) at 64 channels with its real 28 blocks
     "image_model": "cosmos", "max_img_h": 240, "max_img_w": 240, "max_frames": 128, "in_channels": 16,
@@ -349,6 +353,7 @@ _MODEL_CLASSES = {
     "omnigen2": (comfy.supported_models.Omnigen2, comfy.model_base.Omnigen2),
     "mochi": (comfy.supported_models.GenmoMochi, comfy.model_base.GenmoMochi),
     "cosmos1": (comfy.supported_models.CosmosT2V, comfy.model_base.CosmosVideo),
+    "wan22_animate": (comfy.supported_models.WAN22_Animate, comfy.model_base.WAN22_Animate),
     "cosmos1_i2v": (comfy.supported_models.CosmosI2V, lambda config, device: comfy.model_base.CosmosVideo(
         config, image_to_video=True, device=device)),
 }
