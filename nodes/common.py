@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..patching.families import FAMILIES
+from ..patching.perturbed_uncond import PLACEMENT_TOOLTIP, Placement
 
 CATEGORY = "model_patches/attention_guidance"
 
@@ -45,3 +46,10 @@ def window_inputs(method: str, outside: str) -> list[io.Float.Input]:
         io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
                        tooltip=f"Sampling progress where {method} stops. Outside the window {outside}."),
     ]
+
+
+def placement_input() -> io.Combo.Input:
+    """PAG's and SEG's ``placement``: the last input, optional, so that workflows saved before it keep their
+    meaning (the default is the behaviour they had)."""
+    return io.Combo.Input("placement", options=Placement.options(), default=Placement.OWN_BRANCH.value,
+                          optional=True, tooltip=PLACEMENT_TOOLTIP)

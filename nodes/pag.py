@@ -4,7 +4,8 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..patching.pag import PAGSettings, apply_pag
-from .common import CATEGORY, layers_input, window_inputs
+from ..patching.perturbed_uncond import Placement
+from .common import CATEGORY, layers_input, placement_input, window_inputs
 
 
 class PerturbedAttentionGuidance(io.ComfyNode):
@@ -22,7 +23,8 @@ class PerturbedAttentionGuidance(io.ComfyNode):
                 io.Model.Input("model"),
                 io.Float.Input(
                     "scale", default=3.0, min=0.0, max=100.0, step=0.01, round=0.01,
-                    tooltip="PAG scale s in cfg + s * (cond - perturbed). 3.0 with CFG, about 5.0 alone. 0 disables.",
+                    tooltip="PAG scale s in cfg + s * (cond - perturbed). 3.0 with CFG, about 5.0 alone. 0 disables. With "
+                    "placement 'uncond branch' only on (above 0) or off (0).",
                 ),
                 layers_input(),
                 io.Float.Input(
@@ -34,12 +36,14 @@ class PerturbedAttentionGuidance(io.ComfyNode):
                     "rescale", default=0.0, min=0.0, max=1.0, step=0.01,
                     tooltip="CFG-rescale of the guided result toward the positive prediction's std (Lin et al.). 0 = off.",
                 ),
+                placement_input(),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model, scale, layers, adaptive_scale, start_percent, end_percent, rescale) -> io.NodeOutput:
+    def execute(cls, model, scale, layers, adaptive_scale, start_percent, end_percent, rescale,
+                placement=Placement.OWN_BRANCH.value) -> io.NodeOutput:
         settings = PAGSettings(scale=scale, layers=layers, adaptive_scale=adaptive_scale, start_percent=start_percent,
-                               end_percent=end_percent, rescale=rescale)
+                               end_percent=end_percent, rescale=rescale, placement=placement)
         return io.NodeOutput(apply_pag(model, settings))

@@ -1,6 +1,7 @@
 """Perturbed-Attention Guidance (Ahn et al., arXiv 2403.17377) on a ModelPatcher: the settings a PAG node
-builds and the patch they install (a perturbed copy of the positive, ``perturbed_copy``, and a post-CFG
-function adding ``pag_core.pag_guided``)."""
+builds and the patch they install: a perturbed copy of the positive (``perturbed_copy``) and a post-CFG
+function adding ``pag_core.pag_guided``, or with the uncond placement the sampler's own negative perturbed
+(``perturbed_uncond``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,6 +17,7 @@ from ..pag_core import (
 from .dit_attention import DiTAttention
 from .layers import choose_layers
 from .perturbed_copy import PerturbedCopy
+from .perturbed_uncond import Placement, PerturbedUncond
 from .sigma_window import SigmaWindow
 
 NODE = "Perturbed-Attention Guidance"
@@ -24,7 +26,7 @@ NODE = "Perturbed-Attention Guidance"
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PAGSettings:
     """One PAG node's inputs, checked: ``scale`` s of Eq. 14, the ``layers`` spec, diffusers' ``adaptive_scale``,
-    the sampling window in percent, and the CFG-rescale factor."""
+    the sampling window in percent, the CFG-rescale factor, and where the perturbation goes (``placement``)."""
 
     scale: float
     layers: str
@@ -32,10 +34,12 @@ class PAGSettings:
     start_percent: float = 0.0
     end_percent: float = 1.0
     rescale: float = 0.0
+    placement: Placement = Placement.OWN_BRANCH
 
     def __post_init__(self):
         validate_pag_inputs(self.scale, self.adaptive_scale, self.rescale)
         validate_percent_window(self.start_percent, self.end_percent)
+        object.__setattr__(self, "placement", Placement.of(self.placement))
 
 
 def joint_identity(part: DiTAttention) -> torch.Tensor:
@@ -64,9 +68,20 @@ def apply_pag(model, settings: PAGSettings):
         timestep = window.per_step(sigma, "timestep", lambda: float(sampling.timestep(sigma.flatten()[:1])))
         return adaptive_pag_scale(settings.scale, settings.adaptive_scale, timestep)
 
-    copy = PerturbedCopy(model=patched, chosen=chosen, node=NODE, label=f"PAG layers '{chosen.resolved}'",
-                         scale_at=scale_at, perturb_unet=lambda q, k, v, options, attend: identity_attention(q, k, v),
-                         perturb_dit=joint_identity)
+    label = f"PAG layers '{chosen.resolved}'"
+    perturb_unet = lambda q, k, v, options, attend: identity_attention(q, k, v)  # noqa: E731
+
+    if settings.placement is Placement.UNCOND:
+        # CFG combines the positive with the perturbed negative; the scale only switches (scale_at > 0)
+        finish = (lambda args: rescale_guided(args["denoised"], args["cond_denoised"], settings.rescale)) \
+            if settings.rescale > 0.0 else None
+        PerturbedUncond(model=patched, chosen=chosen, node=NODE, label=label,
+                        active_at=lambda base_model, sigma: scale_at(base_model, sigma) > 0.0,
+                        perturb_unet=perturb_unet, perturb_dit=joint_identity, finish=finish)
+        return patched
+
+    copy = PerturbedCopy(model=patched, chosen=chosen, node=NODE, label=label, scale_at=scale_at,
+                         perturb_unet=perturb_unet, perturb_dit=joint_identity)
 
     def post_cfg_function(args):
         step = copy.guidance_step(args)

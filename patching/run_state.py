@@ -26,8 +26,21 @@ def clear_after_sampling(model, state) -> None:
     model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLEANUP, WRAPPER_KEY, lambda patcher: state.clear())
 
 
-def log_once_per_run(run: dict, line: str) -> None:
-    """Log ``line`` the first time in this run (``run`` is emptied when the run ends)."""
-    if not run.get("layers_logged"):
-        run["layers_logged"] = True
+@dataclasses.dataclass
+class GuidanceRun(RunState):
+    """What a guidance node notes in one run: the layers in use logged, one of its layers reached (perturbed rows
+    computed), the first guided step checked for that, a warning given, a guider that does not evaluate
+    ``[positive, negative]`` seen."""
+
+    layers_logged: bool = False
+    reached: bool = False
+    checked: bool = False
+    warned: bool = False
+    other_guider: bool = False
+
+
+def log_once_per_run(run: GuidanceRun, line: str) -> None:
+    """Log ``line`` the first time in this run (``run`` is cleared when the run ends)."""
+    if not run.layers_logged:
+        run.layers_logged = True
         logging.info(line)

@@ -39,7 +39,7 @@ from .displacement import DisplacementGuard
 from .layers import choose_layers, dit_model
 from .options import EXTRA_PASS, GUIDANCE_OPTIONS, SAG_PREVIEW, SAG_RECORD, chunk_ids, guidance_options, with_guidance_options
 from .post_cfg_watch import PostCfgWatch
-from .run_state import WRAPPER_KEY, clear_after_sampling, log_once_per_run
+from .run_state import WRAPPER_KEY, GuidanceRun, clear_after_sampling, log_once_per_run
 from .sigma_window import SigmaWindow
 from .unet_attention import install_site_handler, require_own_queries
 
@@ -272,9 +272,8 @@ def apply_sag(model, settings: SAGSettings):
         return m
     instance = uuid.uuid4().hex
     records: dict = {}
-    run: dict = {}  # this sampling run: "layers_logged"
+    run = GuidanceRun()
     clear_after_sampling(m, run)
-    warned: list = []
     watch = PostCfgWatch(m, "Self-Attention Guidance")
 
     window = SigmaWindow(m, settings.start_percent, settings.end_percent)
@@ -335,8 +334,8 @@ def apply_sag(model, settings: SAGSettings):
                 preview(mask)
                 return args["denoised"]
             if mask is None:
-                if not warned:
-                    warned.append(True)
+                if not run.warned:
+                    run.warned = True
                     logging.warning(
                         "Self-Attention Guidance: no attention of the reference conditioning (the negative "
                         "under CFG, the positive at CFG 1) was recorded at layer '%s', so SAG skips this step. "

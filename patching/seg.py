@@ -3,6 +3,7 @@
 PAG's batched copy of the positive (``perturbed_copy``) with another perturbation: in the chosen
 self-attention layers the copy's image queries are blurred on the layer's token grid
 (``seg_core.blur_queries``) and the layer then attends as it would have. The guidance is PAG's formula.
+With the uncond placement the same perturbation acts on the sampler's own negative (``perturbed_uncond``).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from ..seg_core import blur_queries, validate_seg_inputs
 from .dit_attention import DiTAttention
 from .layers import choose_layers
 from .perturbed_copy import PerturbedCopy
+from .perturbed_uncond import Placement, PerturbedUncond
 from .sigma_window import SigmaWindow
 
 NODE = "Smoothed Energy Guidance"
@@ -27,17 +29,19 @@ NODE = "Smoothed Energy Guidance"
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SEGSettings:
     """One SEG node's inputs, checked: the guidance ``scale``, the queries' ``blur_sigma`` in tokens (9999 or
-    more: infinite), the ``layers`` spec and the sampling window in percent."""
+    more: infinite), the ``layers`` spec, the sampling window in percent and where the perturbation goes."""
 
     scale: float
     blur_sigma: float
     layers: str
     start_percent: float = 0.0
     end_percent: float = 1.0
+    placement: Placement = Placement.OWN_BRANCH
 
     def __post_init__(self):
         validate_seg_inputs(self.scale, self.blur_sigma)
         validate_percent_window(self.start_percent, self.end_percent)
+        object.__setattr__(self, "placement", Placement.of(self.placement))
 
 
 def blurred_query_attention(blur_sigma: float, label: str):
@@ -84,6 +88,14 @@ def apply_seg(model, settings: SEGSettings):
         return settings.scale if window.contains(base_model.model_sampling, sigma) else 0.0
 
     label = f"SEG layers '{chosen.resolved}'"
+    if settings.placement is Placement.UNCOND:
+        # CFG combines the positive with the blurred-query negative; the scale only switches
+        PerturbedUncond(model=patched, chosen=chosen, node=NODE, label=label,
+                        active_at=lambda base_model, sigma: scale_at(base_model, sigma) > 0.0,
+                        perturb_unet=blurred_query_attention(settings.blur_sigma, label),
+                        perturb_dit=smoothed_queries(settings.blur_sigma))
+        return patched
+
     copy = PerturbedCopy(model=patched, chosen=chosen, node=NODE, label=label, scale_at=scale_at,
                          perturb_unet=blurred_query_attention(settings.blur_sigma, label),
                          perturb_dit=smoothed_queries(settings.blur_sigma))

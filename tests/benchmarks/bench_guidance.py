@@ -21,7 +21,9 @@ the guidance's own Python work shows (ms per step, ratios to CFG only and to the
 The defaults (SD1.5-shaped, 32x32 latent, batch 1, 2 steps, 2 rounds) took 4 min 9 s on 2 idle CPU
 cores (2026-11-30); ``--batch 1 2`` adds the batch-2 tables (11 min 49 s on 2026-11-30, past the 10-minute
 bound of a default run); more rounds (--repeats) give steadier ratios. A new node is one more entry in
-``configurations``.
+``configurations``. The rows "uncond" are PAG's and SEG's placement 'uncond branch' (the negative
+perturbed, nothing batched: the same forwards as CFG only). ``--tiny-only`` prints only the per-step
+work on the tiny test model.
 
     python3 scripts/host.py setup
     COMFYUI_PATH=.cache/comfyui .cache/venv/bin/python tests/benchmarks/bench_guidance.py [--latent 32] [--batch 1 2]
@@ -72,6 +74,7 @@ from comfy_extras.nodes_sag import SelfAttentionGuidance as HostSAG  # noqa: E40
 
 from attention_guidance.nodes.pag import PerturbedAttentionGuidance  # noqa: E402
 from attention_guidance.nodes.sag import SelfAttentionGuidance  # noqa: E402
+from attention_guidance.nodes.seg import SmoothedEnergyGuidance  # noqa: E402
 from support.models import build_model, count_model_calls, initialise_weights, make_conditioning, sample, short_of_memory  # noqa: E402
 
 # support.models pins one thread for the tiny test models; a full-width UNet wants every core.
@@ -142,6 +145,11 @@ def configurations(model) -> dict[str, Configuration]:
         args.update(kw)
         return PerturbedAttentionGuidance.execute(m, **args).result[0]
 
+    def ours_seg(m, **kw):
+        args = dict(scale=3.0, blur_sigma=10000.0, layers="mid", start_percent=0.0, end_percent=1.0)
+        args.update(kw)
+        return SmoothedEnergyGuidance.execute(m, **args).result[0]
+
     def ours_sag(m):
         return SelfAttentionGuidance.execute(m, scale=0.5, blur_sigma=2.0, threshold=1.0, kernel_size=9,
                                              layer="m0.0", start_percent=0.0, end_percent=1.0).result[0]
@@ -161,6 +169,11 @@ def configurations(model) -> dict[str, Configuration]:
         "host SAG+PAG": Configuration(host_pag(host_sag(model)), ours=False),
         "our SAG+PAG": Configuration(ours_pag(ours_sag(model)), "host SAG+PAG", batched_copy=True),
         "our PAG end 0.5": Configuration(ours_pag(model, end_percent=0.5), "host PAG", batched_copy=True),
+        # placement 'uncond branch': CFG's own negative perturbed, nothing batched (its floor is CFG only's)
+        "our PAG uncond": Configuration(ours_pag(model, placement="uncond branch")),
+        "our SEG": Configuration(ours_seg(model), "host PAG", batched_copy=True),
+        "our SEG uncond": Configuration(ours_seg(model, placement="uncond branch")),
+        "our SAG+PAG uncond": Configuration(ours_sag(ours_pag(model, placement="uncond branch")), "host SAG"),
     }
 
 
@@ -432,7 +445,14 @@ def main():
     parser.add_argument("--backend", default="inductor", help="torch.compile backend for --compile")
     parser.add_argument("--work-steps", type=int, default=24,
                         help="steps of the per-step work measurement on the tiny model (0 skips it)")
+    parser.add_argument("--tiny-only", action="store_true",
+                        help="only the per-step work on the tiny test model (no full-width tables; seconds)")
     options = parser.parse_args()
+    if options.tiny_only:
+        started = time.perf_counter()
+        per_step_work(options.work_steps or 24, max(options.repeats, 3), options.cfg)
+        print(f"\ntotal {time.perf_counter() - started:.0f} s")
+        return
 
     dtype = torch.float16 if options.fp16 else torch.float32
     device = comfy.model_management.get_torch_device()
