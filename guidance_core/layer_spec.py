@@ -318,6 +318,9 @@ class BlockKind:
     diffusers_path: str
     diffusers_attention: str = "attn"
     note: str | None = None
+    # what precedes the index in the host's module name: "block" where the host names its blocks "block0", ...
+    # in a ModuleDict (Cosmos 1: ``blocks.block0``)
+    host_index_prefix: str = ""
 
     def __post_init__(self):
         if self.name not in BLOCK_KINDS:
@@ -334,6 +337,7 @@ class DiTBlock:
     host_path: str = field(compare=False, kw_only=True)
     diffusers_path: str = field(compare=False, kw_only=True)
     diffusers_attention: str = field(default="attn", compare=False, kw_only=True)
+    host_index_prefix: str = field(default="", compare=False, kw_only=True)
 
     @property
     def index_name(self) -> str:
@@ -341,7 +345,7 @@ class DiTBlock:
 
     @property
     def host_name(self) -> str:
-        return f"{self.host_path}.{self.index}"
+        return f"{self.host_path}.{self.host_index_prefix}{self.index}"
 
     @property
     def diffusers_name(self) -> str:
@@ -373,7 +377,7 @@ class DiTLayout(DefaultLayers):
         self.diffusers_paths = {kind.name: kind.diffusers_path for kind in self.kinds}
         self.sites: list[DiTBlock] = [
             DiTBlock(kind.name, i, host_path=kind.host_path, diffusers_path=kind.diffusers_path,
-                     diffusers_attention=kind.diffusers_attention)
+                     diffusers_attention=kind.diffusers_attention, host_index_prefix=kind.host_index_prefix)
             for kind in self.kinds for i in range(kind.count)
         ]
         self.defaults = dict(defaults) if defaults is not None else middle_block_defaults(self.kinds)
@@ -385,7 +389,7 @@ class DiTLayout(DefaultLayers):
             if kind.count == 0:
                 continue
             indices = "0" if kind.count == 1 else f"0-{kind.count - 1}"
-            line = f"  {kind.name}.{indices} = {kind.diffusers_path}.{indices} (host {kind.host_path}.{indices})"
+            line = f"  {kind.name}.{indices} = {kind.diffusers_path}.{indices} (host {kind.host_path}.{kind.host_index_prefix}{indices})"
             if kind.note:
                 line += f"; {kind.note}"
             lines.append(line)

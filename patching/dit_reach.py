@@ -4,7 +4,7 @@ The host (0.3.75, comfy/ldm/modules/attention.py ``wrap_attn``) calls
 ``transformer_options["optimized_attention_override"](func, *args, **kwargs)`` wherever a model hands
 transformer_options to ``optimized_attention`` (``dit_attention`` installs ours). What an attention call
 does not say is which block it comes from and where its text and image tokens lie. Each family reaches its
-blocks in one of five ways (``DiTReach``, chosen in the family's registry module):
+blocks in one of six ways (``DiTReach``, chosen in the family's registry module):
 
 - ``host_block_marks``: the model sets ``transformer_options["block_type"]`` ("double" / "single") and
   ``["block_index"]`` before each block and offers ``("double_block", i)`` block replacements. The text
@@ -13,6 +13,10 @@ blocks in one of five ways (``DiTReach``, chosen in the family's registry module
 - ``joint_block_marks``: no block index (0.3.75); a block replacement on each chosen block runs the block with
   a copy of transformer_options that names it and carries its text and image token counts. A block may also
   run an image-only self-attention with the same options, told apart by its length.
+- ``joint_and_single_block_marks``: no block index, double (joint) blocks whose text and image come in
+  separate streams and single blocks that run on their concatenation: ``joint_block_marks`` on the double
+  blocks; a block replacement on each chosen single block names it with the text length measured at the first
+  double block (written there into the dict the model hands every block) and the rest of its input as image.
 - ``video_block_marks``: no block index; a block replacement on each chosen block marks it with its token count;
   the first call of the block whose queries and keys both have that many tokens is its self-attention, every
   later call (the cross-attention to the text) goes to the previous override untouched.
@@ -177,10 +181,14 @@ def _locate_joint(options: dict) -> Located:
     return Located(mark.block, mark.text_tokens, mark) if mark is not None else NOT_LOCATED
 
 
-def _mark_joint_block(block: DiTBlock):
+def _text_stream_tokens(args) -> int:
+    text = args.get("txt")
+    return 0 if text is None else text.shape[1]
+
+
+def _mark_joint_block(block: DiTBlock, text_tokens_of: Callable[[dict], int] = _text_stream_tokens):
     def run(args, extra, previous_block):
-        text = args.get("txt")
-        mark = JointBlockMark(block, 0 if text is None else text.shape[1], args["img"].shape[1])
+        mark = JointBlockMark(block, text_tokens_of(args), args["img"].shape[1])
         return previous_block(dict(args, transformer_options=_with_ours(args["transformer_options"], **{JOINT_BLOCK: mark})),
                               extra)
 
@@ -192,10 +200,66 @@ def _install_joint_marks(model, blocks) -> None:
         replace_block(model, "double_block", block.index, _mark_joint_block(block))
 
 
-def joint_block_marks(*, token_grid=patch_grid) -> DiTReach:
+def joint_block_marks(*, token_grid=patch_grid, token_order: TokenOrder = TokenOrder.TEXT_FIRST, frames: bool = False,
+                      text_tokens_of: Callable[[dict], int] | None = None) -> DiTReach:
+    """``text_tokens_of(args)``: the text tokens the block's attention takes, from its replacement's arguments
+    (default: all of the ``txt`` stream's)."""
+    install = _install_joint_marks
+    if text_tokens_of is not None:
+        def install(model, blocks) -> None:
+            for block in blocks:
+                replace_block(model, "double_block", block.index, _mark_joint_block(block, text_tokens_of))
+
     return DiTReach(mechanism="a block replacement on each chosen block names it and carries its text and image "
-                    "token counts", locate=_locate_joint, install=_install_joint_marks, token_grid=token_grid,
-                    text_length_site="each chosen block")
+                    "token counts", locate=_locate_joint, install=install, token_grid=token_grid,
+                    token_order=token_order, frames=frames, text_length_site="each chosen block")
+
+
+# joint_and_single_block_marks --------------------------------------------------------------------------------
+def _locate_joint_or_single(options: dict) -> Located:
+    ours = guidance_options(options)
+    mark = ours.get(JOINT_BLOCK)
+    if mark is not None:
+        return Located(mark.block, mark.text_tokens, mark)
+    block = ours.get(MARKED_BLOCK)  # a single block run without the text length (see _mark_single_block)
+    return Located(block) if block is not None else NOT_LOCATED
+
+
+def _mark_single_block(block: DiTBlock):
+    """Run a single block (its ``img`` is ``cat(text, image)``) with a copy of transformer_options that names it
+    and carries its text and image token counts; where no text length was measured (another node replaced the
+    first double block without running ours) it only names the block, and the handler says so."""
+
+    def run(args, extra, previous_block):
+        options = args["transformer_options"]
+        text = guidance_options(options).get(TEXT_TOKENS)
+        if text is None:
+            ours = {MARKED_BLOCK: block}
+        else:
+            ours = {JOINT_BLOCK: JointBlockMark(block, text, args["img"].shape[1] - text)}
+        return previous_block(dict(args, transformer_options=_with_ours(options, **ours)), extra)
+
+    return run
+
+
+def _install_joint_and_single_marks(model, blocks) -> None:
+    for block in blocks:
+        if block.kind == "single":
+            replace_block(model, "single_block", block.index, _mark_single_block(block))
+        else:
+            replace_block(model, "double_block", block.index, _mark_joint_block(block))
+    # last, so that it runs first: it writes the text length into the forward's own dict before a mark on the
+    # first double block copies it
+    replace_block(model, "double_block", 0, _stamp_text_tokens)
+
+
+def joint_and_single_block_marks(*, token_grid=patch_grid) -> DiTReach:
+    """Block replacements (``double_block`` with ``txt`` and ``img``, ``single_block`` with ``img`` = ``cat(text,
+    image)``) that name each chosen block and carry its text and image token counts; the text first."""
+    return DiTReach(mechanism="a block replacement on each chosen double or single block names it and carries its "
+                    "text and image token counts; the text length of the single blocks is measured at the first "
+                    "double block", locate=_locate_joint_or_single, install=_install_joint_and_single_marks,
+                    token_grid=token_grid, text_length_site="its first double block")
 
 
 # video_block_marks -------------------------------------------------------------------------------------------
@@ -278,9 +342,19 @@ def object_patch_marks(*, measured_at: str, argument: str, token_order: TokenOrd
 
 
 # video_object_patch_marks ------------------------------------------------------------------------------------
-def _mark_video_block_forward(block: DiTBlock):
+def _batch_first_tokens(tokens) -> int:
+    """Space-time tokens of a batch-first block input, ``[B, L, C]`` or ``[B, T, H, W, C]``."""
+    return math.prod(tokens.shape[1:-1])
+
+
+def _batch_fourth_tokens(tokens) -> int:
+    """Space-time tokens of a ``[T, H, W, B, C]`` block input (Cosmos 1's "THWBD")."""
+    return math.prod(tokens.shape[:3])
+
+
+def _mark_video_block_forward(block: DiTBlock, count_tokens: Callable = _batch_first_tokens):
     """Run the block with its transformer_options carrying a fresh ``VideoBlockMark`` (its input's space-time
-    token count: ``[B, L, C]`` or ``[B, T, H, W, C]``). In place, as ``_mark_block``: the dict is this
+    token count, ``count_tokens(input)``). In place, as ``_mark_block``: the dict is this
     forward's own; the mark is taken off when the block returns."""
 
     def run(previous, args, kwargs):
@@ -288,7 +362,7 @@ def _mark_video_block_forward(block: DiTBlock):
         tokens = args[0] if args else None
         if options is None or tokens is None:
             return previous(*args, **kwargs)
-        mark = VideoBlockMark(block, math.prod(tokens.shape[1:-1]))
+        mark = VideoBlockMark(block, count_tokens(tokens))
         options[GUIDANCE_OPTIONS] = {**options.get(GUIDANCE_OPTIONS, {}), VIDEO_BLOCK: mark}
         try:
             return previous(*args, **kwargs)
@@ -298,15 +372,19 @@ def _mark_video_block_forward(block: DiTBlock):
     return run
 
 
-def _install_video_object_marks(model, blocks) -> None:
-    for block in blocks:
-        patch_block_forward(model, block.host_name, _mark_video_block_forward(block))
-
-
-def video_object_patch_marks() -> DiTReach:
+def video_object_patch_marks(*, batch_axis: int = 0) -> DiTReach:
     """Object patches on each chosen block's ``forward`` (which must take the video tokens first and
-    transformer_options as a keyword) that mark it as ``video_block_marks`` does."""
+    transformer_options as a keyword) that mark it as ``video_block_marks`` does. ``batch_axis``: where the batch
+    is in the block's input, 0 (``[B, L, C]`` / ``[B, T, H, W, C]``) or 3 (``[T, H, W, B, C]``)."""
+    if batch_axis not in (0, 3):
+        raise ValueError(f"video blocks take their batch first or fourth, not at axis {batch_axis}")
+    count_tokens = _batch_first_tokens if batch_axis == 0 else _batch_fourth_tokens
+
+    def install(model, blocks) -> None:
+        for block in blocks:
+            patch_block_forward(model, block.host_name, _mark_video_block_forward(block, count_tokens))
+
     return DiTReach(mechanism="object patches on each chosen block's forward mark it with its input's space-time "
                     "token count; its first attention over that many tokens is the self-attention",
-                    locate=_locate_video, install=_install_video_object_marks, token_order=TokenOrder.VIDEO_ONLY,
+                    locate=_locate_video, install=install, token_order=TokenOrder.VIDEO_ONLY,
                     frames=True, text_length_site="each chosen block")

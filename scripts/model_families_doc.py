@@ -91,7 +91,7 @@ def render() -> str:
                 for kind in layout.kinds:
                     last = kind.count - 1
                     lines.append(f"| `{kind.name}.0-{last}` | `{kind.diffusers_path}.0-{last}.{kind.diffusers_attention}` | "
-                                 f"`{kind.host_path}.0-{last}`{'; ' + _cell(kind.note) if kind.note else ''} |")
+                                 f"`{kind.host_path}.{kind.host_index_prefix}0-{last}`{'; ' + _cell(kind.note) if kind.note else ''} |")
                 lines.append("")
             lines += ["| method | `auto` | source |", "|---|---|---|"]
             for method in (Method.PAG, Method.SAG):

@@ -297,13 +297,14 @@ def test_node_errors_name_the_input_and_the_blocks():
 
 @pytest.mark.parametrize("node", ["Perturbed-Attention Guidance", "Self-Attention Guidance"])
 def test_a_family_that_cannot_be_patched_is_refused_by_name(node):
-    aura = comfy.model_base.AuraFlow(comfy.supported_models.AuraFlow({"cond_seq_dim": 2048}), device="meta")
+    # HunyuanDiT (AuraFlow was the example until the pack learned it)
+    hydit = comfy.supported_models.HunyuanDiT({"image_model": "hydit"}).get_model({}, device="meta")
     cpu = torch.device("cpu")
-    patcher = comfy.model_patcher.ModelPatcher(aura, load_device=cpu, offload_device=cpu)
+    patcher = comfy.model_patcher.ModelPatcher(hydit, load_device=cpu, offload_device=cpu)
     with pytest.raises(UnsupportedModelError) as error:
         recognise(patcher, node)
     message = str(error.value)
-    assert node in message and "AuraFlow" in message and "nothing" in message
+    assert node in message and "HunyuanDiT" in message and "nothing" in message
     assert all(family in message for family in ("SD1.x", "SDXL", "SD3", "Flux", "Chroma", "Qwen-Image", "Z-Image",
                                                 "Lumina 2", "HiDream"))
     with pytest.raises(UnsupportedModelError):

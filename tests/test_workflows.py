@@ -30,7 +30,7 @@ from support.workflow_convert import (FRONTEND_ONLY_TYPES, WorkflowError, check_
                                       ui_to_api, widget_layout)
 
 EXPECTED_EXAMPLES = EXECUTED_EXAMPLES | {"sdxl_pag_cfg", "sd3_pag_cfg", "flux_dev_pag", "sdxl_seg_pag", "z_image_turbo_pag",
-                                         "wan21_t2v_pag"}
+                                         "wan21_t2v_pag", "cosmos_predict2_anima_pag"}
 NAMES = example_names()
 MODEL_LOADER_INPUTS = {"CheckpointLoaderSimple": ("ckpt_name",), "ControlNetLoader": ("control_net_name",),
                        "UNETLoader": ("unet_name",), "DualCLIPLoader": ("clip_name1", "clip_name2"),
@@ -42,6 +42,7 @@ MODEL_ARCHITECTURES = {
     "sd_xl_base_1.0.safetensors": "sdxl", "sd3_medium_incl_clips.safetensors": "sd3_medium",
     "flux1-dev.safetensors": "flux_dev", "z_image_turbo_bf16.safetensors": "z_image",
     "wan2.1_t2v_1.3B_fp16.safetensors": "wan21_t2v_1.3b",
+    "cosmos_predict2_2B_t2i.safetensors": "cosmos_predict2_2b",
 }
 MODEL_OUTPUT_LOADERS = {"CheckpointLoaderSimple": "ckpt_name", "UNETLoader": "unet_name"}
 SEMVER = re.compile(r"^\d+\.\d+\.\d+$")

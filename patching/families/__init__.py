@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import cosmos_predict2, flux, hidream, hunyuan_image21, hunyuan_video, hunyuan_video15, ltxv, nextdit, qwen_image, sd3, unet, wan
+from . import auraflow, cosmos1, cosmos_predict2, flux, hidream, hunyuan_image21, hunyuan_video, hunyuan_video15, ltxv, mochi, nextdit, omnigen2, qwen_image, sd3, unet, wan
 from .family import Family, Layout
+from .refused import REFUSED
 
 # in the order the docs list them; a model is at most one family's
 FAMILIES: tuple[Family, ...] = (
-    unet.FAMILY, sd3.FAMILY, flux.FAMILY, qwen_image.FAMILY, nextdit.FAMILY, hidream.FAMILY,
-    hunyuan_image21.FAMILY, wan.FAMILY, hunyuan_video.FAMILY, hunyuan_video15.FAMILY, ltxv.FAMILY,
-    cosmos_predict2.FAMILY,
+    unet.FAMILY, sd3.FAMILY, auraflow.FAMILY, flux.FAMILY, qwen_image.FAMILY, nextdit.FAMILY, omnigen2.FAMILY,
+    hidream.FAMILY, hunyuan_image21.FAMILY, wan.FAMILY, hunyuan_video.FAMILY, hunyuan_video15.FAMILY, ltxv.FAMILY,
+    mochi.FAMILY, cosmos1.FAMILY, cosmos_predict2.FAMILY,
 )
 
 SUPPORTED_MODELS = "; ".join(family.models for family in FAMILIES)
@@ -55,10 +56,11 @@ def recognise(model, node_name: str) -> Recognised:
                 f"nothing to guide with. Supported: {SUPPORTED_MODELS}."
             )
         return Recognised(family, layout)
+    reason = REFUSED.get(config_name)
     raise UnsupportedModelError(
         f"{node_name} cannot patch this model: it is a {config_name} model "
         f"({type(diffusion_model).__name__}), whose self-attention the node cannot reach, so it would do "
-        f"nothing. Supported: {SUPPORTED_MODELS}. Remove the node for this model."
+        f"nothing{': ' + reason if reason else ''}. Supported: {SUPPORTED_MODELS}. Remove the node for this model."
     )
 
 

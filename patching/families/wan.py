@@ -1,10 +1,13 @@
-"""Wan 2.1 / 2.2 (T2V, I2V, FLF, Fun, VACE, camera, TI2V 5B, HuMo): the host's ``WanModel`` and subclasses
-(comfy/ldm/wan/model.py).
+"""Wan 2.1 / 2.2 (T2V, I2V, FLF, Fun, VACE, camera, TI2V 5B, HuMo, Animate): the host's ``WanModel`` and subclasses
+(comfy/ldm/wan/model.py, model_animate.py).
 
 Each block runs a video-only self-attention over the space-time tokens, then a cross-attention to the text
 (I2V: to the CLIP image embeddings, then the text), all with the same options; 0.3.75 sets no block index, so
 a block replacement marks each chosen block (``dit_reach.video_block_marks``). S2V's block replacement gets
-no transformer_options (0.3.75), so the nodes cannot reach its attention and it is not recognised.
+no transformer_options (0.3.75), so the nodes cannot reach its attention and it is not recognised. Animate is
+Wan's I2V blocks with pose latents added to the patch embedding and a face adapter after every fifth block, whose
+attention to the face motion is not handed transformer_options (and is a cross-attention): its blocks are reached
+as every Wan model's.
 """
 from __future__ import annotations
 
@@ -38,13 +41,18 @@ def recognise(diffusion_model, config_name: str) -> DiTLayout | None:
 FAMILY = Family(
     name="Wan",
     host_types=("WAN21_T2V", "WAN21_I2V", "WAN21_FunControl2V", "WAN21_Vace", "WAN21_Camera", "WAN22_T2V", "WAN21_HuMo",
-                "WAN22_Camera"),
-    models="Wan 2.1 / 2.2 (T2V, I2V, TI2V 5B)",
+                "WAN22_Camera", "WAN22_Animate"),
+    models="Wan 2.1 / 2.2 (T2V, I2V, TI2V 5B, Animate)",
     recognise=recognise,
     reach=video_block_marks(),
     layer_examples="'block.10' or 'blocks.10'",
     # the Wan 2.2 VAE's 48-channel latent is 1/16 of the image (Wan22ImageToVideoLatent)
     image_scales={"Wan22": 16},
     known_models=(KnownModel(name="Wan 2.1 T2V 1.3B (30 blocks)", layout=lambda: layout("WAN21_T2V", 30)),
-                  KnownModel(name="Wan 2.1 / 2.2 14B (40 blocks)", layout=lambda: layout("WAN21_T2V", 40))),
+                  KnownModel(name="Wan 2.1 / 2.2 14B, Wan 2.2 Animate 14B (40 blocks)",
+                             layout=lambda: layout("WAN21_T2V", 40))),
+    notes=("Wan 2.2 Animate: the reference image's latent frame and the pose latents are part of the video's tokens "
+           "and guided with them; the face adapter's attention to the face motion is not guided.",
+           "Wan 2.2 S2V is refused: its block replacement gets no transformer_options in 0.3.75, so no attention "
+           "override reaches its blocks."),
 )

@@ -64,6 +64,8 @@ Z_IMAGE_TEXT = "qwen_3_4b.safetensors"
 WAN21_T2V_1_3B = "wan2.1_t2v_1.3B_fp16.safetensors"
 WAN_UMT5 = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 WAN21_VAE = "wan_2.1_vae.safetensors"
+COSMOS_PREDICT2_2B_T2I = "cosmos_predict2_2B_t2i.safetensors"
+COSMOS_TEXT = "oldt5_xxl_fp8_e4m3fn_scaled.safetensors"
 NEGATIVE = "blurry, low quality, deformed, watermark, text"
 
 
@@ -461,6 +463,41 @@ def workflows() -> list[Workflow]:
                      {"filename_prefix": "wan21_t2v_pag", "fps": 16.0, "lossless": False, "quality": 90,
                       "method": "default"},
                      {"images": ("decode", 0)}, size=(420, 470)),
+            ],
+        ),
+        Workflow(
+            "cosmos_predict2_anima_pag", "Cosmos Predict2 2B T2I (Anima's architecture) + PAG",
+            "Perturbed-Attention Guidance on Cosmos Predict2 2B Text2Image, the architecture Anima is built on, "
+            "added to CFG.\n\n"
+            "In the chosen block the perturbed copy's self-attention is the identity: every image token attends "
+            "only to itself; the block's cross-attention to the prompt is untouched. The copy is batched with "
+            "the positive and negative predictions where memory allows.\n\n"
+            "Settings: nothing is published for PAG on Cosmos. layers 'auto' is the pack's default for the 2B "
+            "model's 28 blocks, block.7 (Wan's skip-layer guidance block 10 of 40 at the same relative depth; "
+            "the log names it at the first step); PAG scale 3, the paper's. Treat both as a starting point. "
+            "Sampler: 1024x1024, CFG 4, 35 steps of euler / simple.\n\n"
+            "Anima: load its diffusion model and its own text encoder in place of these; the PAG node and its "
+            "settings stay as they are (same blocks, same default).\n\n"
+            f"{COMPARE}\n\nModels: {COSMOS_PREDICT2_2B_T2I} in models/diffusion_models, {COSMOS_TEXT} in "
+            f"models/text_encoders, {WAN21_VAE} in models/vae.",
+            [
+                note(size=(400, 440)),
+                Node("unet", "UNETLoader", (20, 500), {"unet_name": COSMOS_PREDICT2_2B_T2I, "weight_dtype": "default"},
+                     size=(380, 90)),
+                Node("clip", "CLIPLoader", (20, 630), {"clip_name": COSMOS_TEXT, "type": "cosmos", "device": "default"},
+                     size=(380, 110)),
+                Node("vae", "VAELoader", (20, 780), {"vae_name": WAN21_VAE}, size=(380, 60)),
+                pag(pos=(460, 20), model=("unet", 0), scale=3.0, layers="auto", adaptive_scale=0.0,
+                    start_percent=0.0, end_percent=1.0, rescale=0.0),
+                Node("positive", "CLIPTextEncode", (460, 270),
+                     {"text": "a red fox in a snowy birch forest at sunrise, detailed fur, soft light"},
+                     {"clip": ("clip", 0)}, title="Positive prompt", size=(400, 170)),
+                Node("negative", "CLIPTextEncode", (460, 490), {"text": NEGATIVE}, {"clip": ("clip", 0)},
+                     title="Negative prompt", size=(400, 130)),
+                empty_latent(1024, 1024, pos=(460, 670), node_type="EmptySD3LatentImage"),
+                sampler(("pag", 0), ("positive", 0), ("negative", 0), ("latent", 0), steps=35, cfg=4.0,
+                        scheduler="simple"),
+                *decode_and_save("cosmos_predict2_anima_pag", vae=("vae", 0)),
             ],
         ),
     ]

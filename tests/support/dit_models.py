@@ -35,6 +35,19 @@ Families (see ``DIT_CONFIGS``):
 - ``cosmos_predict2`` / ``cosmos_predict2_i2v``: ``comfy.supported_models.CosmosT2IPredict2`` / ``CosmosI2VPredict2``
   + ``comfy.model_base.CosmosPredict2`` (MiniTrainDIT) with the 2B model's real 28 blocks; Text2Image on a
   one-frame latent, Video2World on ``VIDEO_FRAMES`` frames.
+- ``auraflow``: ``comfy.supported_models.AuraFlow`` + ``comfy.model_base.AuraFlow`` (the AuraFlow MMDiT) with
+  AuraFlow's real 4 double-stream and 32 single-stream blocks (2 heads of 32 channels), 2x2 patches of the
+  4-channel SDXL latent, 8 register tokens before the text.
+- ``omnigen2``: ``comfy.supported_models.Omnigen2`` + ``comfy.model_base.Omnigen2`` with OmniGen2's real 32 main
+  layers and 2 layers in each refiner (2 query heads sharing 1 key/value head, as its 21 / 7); its conditioning
+  carries the text encoder's ``attention_mask`` (the host takes the text length from it).
+- ``mochi``: ``comfy.supported_models.GenmoMochi`` + ``comfy.model_base.GenmoMochi`` (AsymmDiTJoint) with Mochi's
+  real 48 blocks (2 heads; video stream 64 wide, text stream 32; the host fixes the video MLP at 12288 wide, so
+  ``mlp_ratio_x`` is 192), 2x2 spatial patches of the 12-channel latent;
+  its conditioning's ``attention_mask`` marks the last two text tokens as padding, which the host crops.
+- ``cosmos1`` / ``cosmos1_i2v``: ``comfy.supported_models.CosmosT2V`` / ``CosmosI2V`` + ``comfy.model_base.CosmosVideo``
+  (GeneralDIT) with the 7B model's real 28 blocks ("FA-CA-MLP", tokens as ``[T, H, W, B, C]``), on
+  ``VIDEO_FRAMES`` latent frames.
 
 Weights are random but fixed by ``seed`` (``support.models.initialise_weights``; the MMDiT's
 ``pos_embed`` buffer gets the same treatment); fp32 on the CPU. One forward at an 8x8 latent
@@ -66,9 +79,11 @@ from .models import initialise_weights
 
 DIT_FAMILIES = ("sd3", "sd35", "flux", "flux2", "chroma", "chroma_radiance", "qwen_image", "lumina2", "z_image",
                 "hidream", "wan21", "wan21_i2v", "wan22_ti2v", "hunyuan_video", "ltxv", "hunyuan_video15",
-                "hunyuan_image21", "cosmos_predict2", "cosmos_predict2_i2v")
+                "hunyuan_image21", "cosmos_predict2", "cosmos_predict2_i2v", "auraflow", "omnigen2", "mochi", "cosmos1", "cosmos1_i2v",
+                "wan22_animate")
 # families whose latents are videos, [B, C, T, H, W]; their test latents have VIDEO_FRAMES frames
-VIDEO_FAMILIES = ("wan21", "wan21_i2v", "wan22_ti2v", "hunyuan_video", "ltxv", "hunyuan_video15", "cosmos_predict2_i2v")
+VIDEO_FAMILIES = ("wan21", "wan21_i2v", "wan22_ti2v", "hunyuan_video", "ltxv", "hunyuan_video15", "cosmos_predict2_i2v",
+                  "mochi", "cosmos1", "cosmos1_i2v", "wan22_animate")
 BYT5_DIM = 1472  # ByT5-small's width, which the host's ByT5Mapper takes (HunyuanVideo 1.5's glyph tokens)
 VISION_DIM = 32  # image embeddings fed to HunyuanVideo 1.5's vision_in (SigLIP's 1152 in the real one)
 VIDEO_FRAMES = 3
@@ -275,6 +290,42 @@ DIT_CONFIGS["cosmos_predict2"] = {
 # Cosmos Predict2 Video2World: one more input channel (the mask of the given frames)
 DIT_CONFIGS["cosmos_predict2_i2v"] = {**DIT_CONFIGS["cosmos_predict2"], "in_channels": 17,
                                       "rope_h_extrapolation_ratio": 3.0, "rope_w_extrapolation_ratio": 3.0}
+DIT_CONFIGS["auraflow"] = {
+    # AuraFlow (comfy.model_detection, 0.3.75: n_double_layers 4, n_layers 36, max_seq 4096) at 64 channels
+    "cond_seq_dim": CONTEXT_DIM, "in_channels": 4, "out_channels": 4, "patch_size": 2, "dim": 64, "n_layers": 36,
+    "n_double_layers": 4, "n_heads": 2, "global_conddim": 64, "max_seq": 16 * 16,
+}
+DIT_CONFIGS["omnigen2"] = {
+    # OmniGen2 (comfy.model_detection, 0.3.75: 32 layers, 2 refiner layers, 21 heads sharing 7 key/value heads)
+    # at 64 channels
+    "image_model": "omnigen2", "axes_dim_rope": [8, 12, 12], "axes_lens": [300, 512, 512], "ffn_dim_multiplier": None,
+    "hidden_size": 64, "in_channels": 16, "multiple_of": 16, "norm_eps": 1e-05, "num_attention_heads": 2,
+    "num_kv_heads": 1, "num_layers": 32, "num_refiner_layers": 2, "out_channels": None, "patch_size": 2,
+    "text_feat_dim": CONTEXT_DIM, "timestep_scale": 1000.0,
+}
+DIT_CONFIGS["mochi"] = {
+    # Mochi 1 preview (comfy.model_detection, 0.3.75: depth 48, 24 heads, widths 3072 / 1536) at 64 / 32 channels
+    "image_model": "mochi_preview", "depth": 48, "patch_size": 2, "num_heads": 2, "hidden_size_x": 64,
+    "hidden_size_y": 32, "mlp_ratio_x": 192.0, "mlp_ratio_y": 4.0, "learn_sigma": False, "in_channels": 12,
+    "qk_norm": True, "qkv_bias": False, "out_bias": True, "attn_drop": 0.0, "patch_embed_bias": True,
+    "posenc_preserve_area": True, "timestep_mlp_bias": True, "attend_to_padding": False, "timestep_scale": 1000.0,
+    "use_t5": True, "t5_feat_dim": CONTEXT_DIM, "t5_token_length": 256, "rope_theta": 10000.0,
+}
+# Wan 2.2 Animate 14B (comfy.model_detection, 0.3.75: model_type "animate") with its real 40 blocks: Wan I2V's
+# blocks, pose latents added to the patch embedding, a face adapter after every fifth block
+DIT_CONFIGS["wan22_animate"] = {**_WAN21, "model_type": "animate", "in_dim": 36, "num_layers": 40}
+DIT_CONFIGS["cosmos1"] = {
+    # Cosmos 1 7B Text2World (comfy.model_detection, 0.3.75) at 64 channels with its real 28 blocks
+    "image_model": "cosmos", "max_img_h": 240, "max_img_w": 240, "max_frames": 128, "in_channels": 16,
+    "out_channels": 16, "patch_spatial": 2, "patch_temporal": 1, "model_channels": 64, "block_config": "FA-CA-MLP",
+    "concat_padding_mask": True, "pos_emb_cls": "rope3d", "pos_emb_learnable": False, "pos_emb_interpolation": "crop",
+    "block_x_format": "THWBD", "affline_emb_norm": True, "use_adaln_lora": True, "adaln_lora_dim": 16,
+    "num_blocks": 28, "num_heads": 2, "extra_per_block_abs_pos_emb": True, "rope_h_extrapolation_ratio": 1.0,
+    "rope_w_extrapolation_ratio": 1.0, "rope_t_extrapolation_ratio": 2.0,
+    "extra_per_block_abs_pos_emb_type": "learnable", "crossattn_emb_channels": CONTEXT_DIM,
+}
+# Cosmos 1 Video2World: one more input channel (the mask of the given frames)
+DIT_CONFIGS["cosmos1_i2v"] = {**DIT_CONFIGS["cosmos1"], "in_channels": 17}
 _MODEL_CLASSES = {
     "sd3": (comfy.supported_models.SD3, comfy.model_base.SD3),
     "sd35": (comfy.supported_models.SD3, comfy.model_base.SD3),
@@ -297,6 +348,13 @@ _MODEL_CLASSES = {
     "hunyuan_image21": (comfy.supported_models.HunyuanImage21, comfy.model_base.HunyuanImage21),
     "cosmos_predict2": (comfy.supported_models.CosmosT2IPredict2, comfy.model_base.CosmosPredict2),
     "cosmos_predict2_i2v": (comfy.supported_models.CosmosI2VPredict2, lambda config, device: comfy.model_base.CosmosPredict2(
+        config, image_to_video=True, device=device)),
+    "auraflow": (comfy.supported_models.AuraFlow, comfy.model_base.AuraFlow),
+    "omnigen2": (comfy.supported_models.Omnigen2, comfy.model_base.Omnigen2),
+    "mochi": (comfy.supported_models.GenmoMochi, comfy.model_base.GenmoMochi),
+    "cosmos1": (comfy.supported_models.CosmosT2V, comfy.model_base.CosmosVideo),
+    "wan22_animate": (comfy.supported_models.WAN22_Animate, comfy.model_base.WAN22_Animate),
+    "cosmos1_i2v": (comfy.supported_models.CosmosI2V, lambda config, device: comfy.model_base.CosmosVideo(
         config, image_to_video=True, device=device)),
 }
 
@@ -366,6 +424,12 @@ def make_dit_conditioning(family: str, batch: int = 1, seed: int = 0, tokens: in
             extras["conditioning_byt5small"] = torch.randn(batch, 3, BYT5_DIM, generator=generator)
         if family == "ltxv":  # the LTX-Video text encoder's padding mask: the last two tokens are padding
             extras["attention_mask"] = torch.tensor([[1] * (tokens - 2) + [0] * 2] * batch)
+        if family == "omnigen2":
+            # its text encoder's mask, from which the host takes the text length (num_tokens); one prompt's, as the
+            # text encoder gives it: the host (0.3.75) sums the whole mask, so a batch of masks would overcount
+            extras["attention_mask"] = torch.ones(1, tokens, dtype=torch.long)
+        if family == "mochi":  # its text encoder's mask, one prompt's (as OmniGen2's): the last two tokens padding
+            extras["attention_mask"] = torch.tensor([[1] * (tokens - 2) + [0] * 2])
         return [[torch.randn(batch, tokens, CONTEXT_DIM, generator=generator), extras]]
 
     positive = encode()

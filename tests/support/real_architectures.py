@@ -47,7 +47,17 @@ WAN21_T2V_1_3B = dict(
     freq_dim=256, text_dim=4096, out_dim=16, num_heads=12, num_layers=30, eps=1e-6,
 )
 
-ARCHITECTURES = ("sd15", "sdxl", "sd3_medium", "flux_dev", "z_image", "wan21_t2v_1.3b")
+# Cosmos Predict2 2B Text2Image (Anima's architecture): 28 blocks of width 2048, 16 heads.
+COSMOS_PREDICT2_2B = dict(
+    image_model="cosmos_predict2", max_img_h=240, max_img_w=240, max_frames=128, in_channels=16, out_channels=16,
+    patch_spatial=2, patch_temporal=1, model_channels=2048, num_blocks=28, num_heads=16, concat_padding_mask=True,
+    crossattn_emb_channels=1024, pos_emb_cls="rope3d", pos_emb_learnable=True, pos_emb_interpolation="crop", min_fps=1,
+    max_fps=30, use_adaln_lora=True, adaln_lora_dim=256, extra_per_block_abs_pos_emb=False,
+    rope_h_extrapolation_ratio=4.0, rope_w_extrapolation_ratio=4.0, rope_t_extrapolation_ratio=1.0,
+    rope_enable_fps_modulation=False,
+)
+
+ARCHITECTURES = ("sd15", "sdxl", "sd3_medium", "flux_dev", "z_image", "wan21_t2v_1.3b", "cosmos_predict2_2b")
 
 
 def meta_model(architecture: str):
@@ -65,6 +75,8 @@ def meta_model(architecture: str):
         "z_image": lambda: comfy.model_base.Lumina2(comfy.supported_models.ZImage(dict(Z_IMAGE)), device="meta"),
         "wan21_t2v_1.3b": lambda: comfy.model_base.WAN21(comfy.supported_models.WAN21_T2V(dict(WAN21_T2V_1_3B)),
                                                          device="meta"),
+        "cosmos_predict2_2b": lambda: comfy.model_base.CosmosPredict2(
+            comfy.supported_models.CosmosT2IPredict2(dict(COSMOS_PREDICT2_2B)), device="meta"),
     }
     if architecture not in builders:
         raise ValueError(f"unknown architecture {architecture!r}; one of {', '.join(ARCHITECTURES)}")
