@@ -87,3 +87,10 @@ def test_the_nodes_change_the_samples_and_noise_seed_changes_the_noise():
     assert not torch.allclose(base, _samples("cfg1", noise_seed=1)), "--noise-seed does not change the noise"
     for key in ("pag_u0-1_s2", "seg_u2-3_sinf", "sag_cfg1"):
         assert not torch.allclose(base, _samples(key), atol=1e-4), f"{key}: the node did not change the samples"
+
+
+def test_markdown_table_has_a_line_per_row(small_run):
+    lines = quality.markdown_table(small_run).splitlines()
+    assert len(lines) == 2 + len(quality.ROW_KEYS)
+    for key, line in zip(quality.ROW_KEYS, lines[2:]):
+        assert line.startswith(f"| `{key}` |") and line.count("|") == 3 + len(quality.METRICS) + 2

@@ -262,34 +262,61 @@ def print_table(records: list[dict], out=sys.stdout) -> None:
               file=out)
 
 
+def markdown_table(records: list[dict]) -> str:
+    """The records as a Markdown table: value, and delta [95 % CI] against the baseline row."""
+    digits = {"accuracy": 3, "precision": 3, "recall": 3, "fid": 1, "saturation": 4}
+    lines = ["| row | cfg | vs | " + " | ".join(METRICS) + " | vs CFG curve |",
+             "|---|---|---|" + "---|" * len(METRICS) + "---|"]
+    for r in records:
+        cells = []
+        for name in METRICS:
+            m, d = r["metrics"][name], digits[name]
+            cell = f"{m['value']:.{d}f}"
+            if r["baseline"]:
+                cell += f" ({m['delta']:+.{d}f} [{m['ci'][0]:+.{d}f}, {m['ci'][1]:+.{d}f}])"
+            cells.append(cell)
+        lines.append(f"| `{r['row']}` | {r['cfg']:g} | {r['baseline'] or '-'} | " + " | ".join(cells)
+                     + f" | {r['vs_cfg_frontier']} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(records: list[dict], path: Path, title: str) -> None:
+    """CFG's precision-recall curve with every guidance row: all rows (left), the region of the curve (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 6), dpi=110)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6), dpi=100)
     cfg = sorted((r for r in records if r["method"] == "cfg"), key=lambda r: r["metrics"]["recall"]["value"])
-    ax.plot([r["metrics"]["recall"]["value"] for r in cfg], [r["metrics"]["precision"]["value"] for r in cfg],
-            "k-o", label="CFG 1 - 3")
-    for r in cfg:
-        ax.annotate(f"cfg {r['cfg']:g}", (r["metrics"]["recall"]["value"], r["metrics"]["precision"]["value"]),
-                    textcoords="offset points", xytext=(5, -10), fontsize=8)
     markers = {"pag": ("tab:blue", "s"), "seg": ("tab:green", "^"), "sag": ("tab:red", "D"), "sag+pag": ("tab:purple", "P")}
-    for r in records:
-        if r["method"] == "cfg":
-            continue
-        color, marker = markers.get(r["method"], ("gray", "x"))
-        x, y = r["metrics"]["recall"]["value"], r["metrics"]["precision"]["value"]
-        ax.scatter([x], [y], color=color, marker=marker, s=40, zorder=3)
-        ax.annotate(r["row"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7, color=color)
-    for method, (color, marker) in markers.items():
-        ax.scatter([], [], color=color, marker=marker, label=method.upper())
-    ax.set_xlabel("recall (k-NN, judge features): diversity")
-    ax.set_ylabel("precision (k-NN, judge features): fidelity")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
+    cx = [r["metrics"]["recall"]["value"] for r in cfg]
+    cy = [r["metrics"]["precision"]["value"] for r in cfg]
+    for ax, zoom in zip(axes, (False, True)):
+        ax.plot(cx, cy, "k-o", label="CFG 1 - 3")
+        for r, x, y in zip(cfg, cx, cy):
+            ax.annotate(f"cfg {r['cfg']:g}", (x, y), textcoords="offset points", xytext=(5, -11), fontsize=8)
+        for r in records:
+            if r["method"] == "cfg":
+                continue
+            color, marker = markers.get(r["method"], ("gray", "x"))
+            x, y = r["metrics"]["recall"]["value"], r["metrics"]["precision"]["value"]
+            if zoom and not (min(cx) - 0.1 <= x <= max(cx) + 0.1 and y >= min(cy) - 0.1):
+                continue
+            ax.scatter([x], [y], color=color, marker=marker, s=40, zorder=3)
+            ax.annotate(r["row"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7, color=color)
+        if zoom:
+            ax.set_xlim(min(cx) - 0.1, max(cx) + 0.1)
+            ax.set_ylim(min(cy) - 0.1, max(cy) + 0.05)
+            ax.set_title("around CFG's curve", fontsize=10)
+        else:
+            for method, (color, marker) in markers.items():
+                ax.scatter([], [], color=color, marker=marker, label=method.upper())
+            ax.legend(loc="lower left", fontsize=8)
+            ax.set_title(title, fontsize=10)
+        ax.set_xlabel("recall (k-NN, judge features): diversity")
+        ax.set_ylabel("precision (k-NN, judge features): fidelity")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -333,6 +360,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--plot", type=Path, help="PNG of CFG's precision-recall curve with every guidance row")
     parser.add_argument("--grid", type=Path, help="PNG of samples: the baseline and --grid-row side by side")
     parser.add_argument("--grid-row", nargs="+", default=[], help="row keys to show beside cfg1 in --grid")
+    parser.add_argument("--markdown", type=Path, help="write the table as Markdown here")
     parser.add_argument("--no-hash-check", action="store_true", help="use weights whose sha256 is not recorded")
     options = parser.parse_args(argv)
 
@@ -377,6 +405,8 @@ def main(argv=None) -> list[dict]:
     print(f"\ntotal {time.time() - start:.0f} s")
     if options.json:
         options.json.write_text(json.dumps(records, indent=1), encoding="utf-8")
+    if options.markdown:
+        options.markdown.write_text(markdown_table(records), encoding="utf-8")
     if options.plot:
         plot(records, options.plot, f"digits UNet, N={options.n}, {options.steps} DDIM steps, noise seed {options.noise_seed}")
     if options.grid:
