@@ -28,7 +28,10 @@ the curve.
     COMFYUI_PATH=.cache/comfyui .cache/venv/bin/python tests/benchmarks/quality.py [--n 500] [--noise-seed 0]
         [--json PATH] [--plot PNG] [--grid PNG --grid-row KEY] [--rows KEY ...] [--threads 2]
 
-The default (N=500, 10 DDIM steps, every row) is sized for at most 10 minutes on 2 CPU cores.
+The default (N=500, 10 DDIM steps, 21 rows: 42 forwards of 500 images per step in all) is sized for
+at most 10 minutes on 2 idle CPU cores: at light load a row of 2 forwards per step took 1.4 s for 60
+images, about 12 s for 500. On the shared machine under a load of 4 to 7, two runs side by side on one
+thread each took 1,585 s and 1,607 s (2026-12-03).
 ``--plot`` needs matplotlib. This is a measurement, not a test: tests/test_quality_benchmark.py runs it
 at small N and checks its output's shape, not its results.
 """
