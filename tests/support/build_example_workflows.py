@@ -132,7 +132,7 @@ def sag(pos=(460, 20), model=("ckpt", 0), **widgets) -> Node:
 
 
 def pag(pos=(460, 20), model=("ckpt", 0), key="pag", title=None, **widgets) -> Node:
-    return Node(key, "AG_PerturbedAttentionGuidance", pos, widgets, {"model": model}, title=title, size=(380, 240))
+    return Node(key, "AG_PerturbedAttentionGuidance", pos, widgets, {"model": model}, title=title, size=(380, 220))
 
 
 def seg(pos=(460, 20), model=("ckpt", 0), key="seg", title=None, **widgets) -> Node:
