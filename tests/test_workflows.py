@@ -30,7 +30,8 @@ from support.workflow_convert import (FRONTEND_ONLY_TYPES, WorkflowError, check_
                                       ui_to_api, widget_layout)
 
 EXPECTED_EXAMPLES = EXECUTED_EXAMPLES | {"sdxl_pag_cfg", "sd3_pag_cfg", "flux_dev_pag", "sdxl_seg_pag", "z_image_turbo_pag",
-                                         "wan21_t2v_pag", "cosmos_predict2_anima_pag"}
+                                         "wan21_t2v_pag", "cosmos_predict2_anima_pag", "wan22_t2v_14b_pag_uncond",
+                                         "mochi_seg_uncond"}
 NAMES = example_names()
 MODEL_LOADER_INPUTS = {"CheckpointLoaderSimple": ("ckpt_name",), "ControlNetLoader": ("control_net_name",),
                        "UNETLoader": ("unet_name",), "DualCLIPLoader": ("clip_name1", "clip_name2"),
@@ -43,6 +44,9 @@ MODEL_ARCHITECTURES = {
     "flux1-dev.safetensors": "flux_dev", "z_image_turbo_bf16.safetensors": "z_image",
     "wan2.1_t2v_1.3B_fp16.safetensors": "wan21_t2v_1.3b",
     "cosmos_predict2_2B_t2i.safetensors": "cosmos_predict2_2b",
+    "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors": "wan22_t2v_14b",
+    "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors": "wan22_t2v_14b",
+    "mochi_preview_bf16.safetensors": "mochi_preview",
 }
 MODEL_OUTPUT_LOADERS = {"CheckpointLoaderSimple": "ckpt_name", "UNETLoader": "unet_name"}
 SEMVER = re.compile(r"^\d+\.\d+\.\d+$")
@@ -184,6 +188,51 @@ def test_example_layers_exist_in_the_full_size_model_it_loads(name, object_info)
             continue
         checked += 1
     assert checked
+
+
+SAMPLERS = ("KSampler", "KSamplerAdvanced")
+
+
+def model_chain(prompt: dict, node_id: str) -> list[str]:
+    """The nodes a node's MODEL input comes through, nearest first, back to its loader."""
+    chain = []
+    entry = prompt[node_id]
+    while isinstance(entry["inputs"].get("model"), list):
+        chain.append(entry["inputs"]["model"][0])
+        entry = prompt[chain[-1]]
+    return chain
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_an_uncond_placement_reaches_only_samplers_with_cfg_above_1(name, object_info):
+    """Placement 'uncond branch' perturbs CFG's negative, which does not exist at CFG 1."""
+    prompt = ui_to_api(load_example(name), object_info)
+    for node_id, entry in prompt.items():
+        if entry["class_type"] in SAMPLERS and any(prompt[i]["inputs"].get("placement") == "uncond branch"
+                                                   for i in model_chain(prompt, node_id)):
+            assert entry["inputs"]["cfg"] > 1, (name, node_id, entry["inputs"]["cfg"])
+
+
+def test_the_wan22_example_patches_each_expert_with_its_own_pag_node(object_info):
+    """Issue #25: Wan 2.2 14B's high-noise and low-noise experts, each patched by its own node, sampled in turn."""
+    prompt = ui_to_api(load_example("wan22_t2v_14b_pag_uncond"), object_info)
+    samplers = sorted((i for i, e in prompt.items() if e["class_type"] == "KSamplerAdvanced"),
+                      key=lambda i: prompt[i]["inputs"]["start_at_step"])
+    assert len(samplers) == 2
+    high, low = (prompt[i]["inputs"] for i in samplers)
+    assert low["latent_image"][0] == samplers[0]  # the low-noise expert continues the high-noise one's latent
+    assert (high["end_at_step"], high["return_with_leftover_noise"]) == (low["start_at_step"], "enable")
+    assert low["add_noise"] == "disable" and low["end_at_step"] >= low["steps"]
+    guided = []
+    for sampler_id in samplers:
+        chain = model_chain(prompt, sampler_id)
+        pags = [i for i in chain if prompt[i]["class_type"] == "AG_PerturbedAttentionGuidance"]
+        assert len(pags) == 1 and prompt[pags[0]]["inputs"]["placement"] == "uncond branch"
+        assert any(prompt[i]["class_type"] == "ModelSamplingSD3" for i in chain)
+        guided.append((pags[0], model_file_of(prompt, sampler_id)))
+    (high_pag, high_file), (low_pag, low_file) = guided
+    assert high_pag != low_pag
+    assert "high_noise" in high_file and "low_noise" in low_file
 
 
 def test_a_layer_the_model_does_not_have_is_found_by_that_check(object_info):

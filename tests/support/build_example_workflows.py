@@ -66,6 +66,10 @@ WAN_UMT5 = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 WAN21_VAE = "wan_2.1_vae.safetensors"
 COSMOS_PREDICT2_2B_T2I = "cosmos_predict2_2B_t2i.safetensors"
 COSMOS_TEXT = "oldt5_xxl_fp8_e4m3fn_scaled.safetensors"
+WAN22_T2V_HIGH_NOISE = "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"
+WAN22_T2V_LOW_NOISE = "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"
+MOCHI = "mochi_preview_bf16.safetensors"
+MOCHI_VAE = "mochi_vae.safetensors"
 NEGATIVE = "blurry, low quality, deformed, watermark, text"
 
 
@@ -127,12 +131,22 @@ def sag(pos=(460, 20), model=("ckpt", 0), **widgets) -> Node:
     return Node("sag", "AG_SelfAttentionGuidance", pos, widgets, {"model": model}, size=(380, 230))
 
 
-def pag(pos=(460, 20), model=("ckpt", 0), **widgets) -> Node:
-    return Node("pag", "AG_PerturbedAttentionGuidance", pos, widgets, {"model": model}, size=(380, 210))
+def pag(pos=(460, 20), model=("ckpt", 0), key="pag", title=None, **widgets) -> Node:
+    return Node(key, "AG_PerturbedAttentionGuidance", pos, widgets, {"model": model}, title=title, size=(380, 220))
 
 
-def seg(pos=(460, 20), model=("ckpt", 0), **widgets) -> Node:
-    return Node("seg", "AG_SmoothedEnergyGuidance", pos, widgets, {"model": model}, size=(380, 190))
+def seg(pos=(460, 20), model=("ckpt", 0), key="seg", title=None, **widgets) -> Node:
+    return Node(key, "AG_SmoothedEnergyGuidance", pos, widgets, {"model": model}, title=title, size=(380, 190))
+
+
+def advanced_sampler(key: str, model, latent, *, add_noise: str, start: int, end: int, leftover: str, pos,
+                     title: str, seed=42, steps=20, cfg=3.5, sampler_name="euler", scheduler="simple") -> Node:
+    return Node(key, "KSamplerAdvanced", pos,
+                {"add_noise": add_noise, "noise_seed": seed, "control_after_generate": "fixed", "steps": steps,
+                 "cfg": cfg, "sampler_name": sampler_name, "scheduler": scheduler, "start_at_step": start,
+                 "end_at_step": end, "return_with_leftover_noise": leftover},
+                {"model": model, "positive": ("positive", 0), "negative": ("negative", 0), "latent_image": latent},
+                title=title, size=(320, 340))
 
 
 COMPARE = ("Compare: the seed is fixed, so bypassing the guidance node (select it, Ctrl+B) and queueing "
@@ -498,6 +512,113 @@ def workflows() -> list[Workflow]:
                 sampler(("pag", 0), ("positive", 0), ("negative", 0), ("latent", 0), steps=35, cfg=4.0,
                         scheduler="simple"),
                 *decode_and_save("cosmos_predict2_anima_pag", vae=("vae", 0)),
+            ],
+        ),
+        Workflow(
+            "wan22_t2v_14b_pag_uncond", "Wan 2.2 14B T2V, both experts + PAG (uncond branch, no extra pass)",
+            "Perturbed-Attention Guidance on Wan 2.2 14B text-to-video, one PAG node on each of its two experts, "
+            "with placement 'uncond branch': no pass beyond CFG's own.\n\n"
+            "Wan 2.2 14B is two models of one architecture (Wan 2.1 14B's 40 blocks): the high-noise expert makes "
+            "the first steps (layout, motion), the low-noise expert the last ones (detail). As in ComfyUI's Wan 2.2 "
+            "template each is loaded and shifted on a chain of its own; the high-noise sampler runs steps 0-10 of "
+            "20 and hands its latent, noise left in, to the low-noise sampler for steps 10-20. A node patches only "
+            "the model it is given, so each expert has its own PAG node.\n\n"
+            "Placement 'uncond branch': CFG's own negative prediction is made with the identity self-attention in "
+            "the chosen block (every space-time token attends only to itself; the cross-attention to the prompt "
+            "is untouched), and CFG guides away from it: result = perturbed negative + CFG x (positive - "
+            "perturbed negative). No copy is batched, so a step costs what CFG costs. The PAG scale only switches "
+            "it on (0 is off); CFG sets the strength. At CFG 1 there is no negative and this placement does "
+            "nothing (the log says so): use 'own branch' there.\n\n"
+            "Settings: the sampler settings of ComfyUI's Wan 2.2 14B T2V template (640x640, 81 frames, shift 8 "
+            "on both experts, 20 steps of euler / simple at CFG 3.5, the switch at step 10), saved at 16 fps. "
+            "Nothing is published for PAG on Wan 2.2: layers 'auto' is block.10 on both experts (the skip-layer "
+            "guidance block of kijai's Wan nodes), scale 3 only switches it on. A starting point, not a published "
+            "setting.\n\n"
+            "Compare: the seed is fixed, so bypassing both PAG nodes (select them, Ctrl+B) and queueing again "
+            "shows the same video without guidance; bypass one to see the other expert's share.\n\n"
+            f"Models: {WAN22_T2V_HIGH_NOISE} and {WAN22_T2V_LOW_NOISE} in models/diffusion_models, {WAN_UMT5} in "
+            f"models/text_encoders, {WAN21_VAE} in models/vae.",
+            [
+                note(size=(400, 700)),
+                Node("unet_high", "UNETLoader", (20, 760), {"unet_name": WAN22_T2V_HIGH_NOISE, "weight_dtype": "default"},
+                     title="High-noise expert", size=(380, 90)),
+                Node("unet_low", "UNETLoader", (20, 880), {"unet_name": WAN22_T2V_LOW_NOISE, "weight_dtype": "default"},
+                     title="Low-noise expert", size=(380, 90)),
+                Node("clip", "CLIPLoader", (20, 1000), {"clip_name": WAN_UMT5, "type": "wan", "device": "default"},
+                     size=(380, 110)),
+                Node("vae", "VAELoader", (20, 1140), {"vae_name": WAN21_VAE}, size=(380, 60)),
+                Node("shift_high", "ModelSamplingSD3", (460, 20), {"shift": 8.0}, {"model": ("unet_high", 0)},
+                     title="Shift (high-noise)"),
+                pag(pos=(460, 120), model=("shift_high", 0), key="pag_high", title="PAG (high-noise expert)",
+                    scale=3.0, layers="auto", adaptive_scale=0.0, start_percent=0.0, end_percent=1.0, rescale=0.0,
+                    placement="uncond branch"),
+                Node("shift_low", "ModelSamplingSD3", (460, 380), {"shift": 8.0}, {"model": ("unet_low", 0)},
+                     title="Shift (low-noise)"),
+                pag(pos=(460, 480), model=("shift_low", 0), key="pag_low", title="PAG (low-noise expert)",
+                    scale=3.0, layers="auto", adaptive_scale=0.0, start_percent=0.0, end_percent=1.0, rescale=0.0,
+                    placement="uncond branch"),
+                Node("positive", "CLIPTextEncode", (460, 740),
+                     {"text": "a red fox trotting through fresh snow in a birch forest, morning light, the camera "
+                              "tracking beside it"},
+                     {"clip": ("clip", 0)}, title="Positive prompt", size=(400, 170)),
+                Node("negative", "CLIPTextEncode", (460, 960), {"text": NEGATIVE + ", static, still frame"},
+                     {"clip": ("clip", 0)}, title="Negative prompt", size=(400, 130)),
+                Node("latent", "EmptyHunyuanLatentVideo", (460, 1140),
+                     {"width": 640, "height": 640, "length": 81, "batch_size": 1}, title="Empty video latent"),
+                advanced_sampler("sampler_high", ("pag_high", 0), ("latent", 0), add_noise="enable", start=0, end=10,
+                                 leftover="enable", pos=(900, 20), title="High-noise sampler (steps 0-10)"),
+                advanced_sampler("sampler_low", ("pag_low", 0), ("sampler_high", 0), add_noise="disable", start=10,
+                                 end=10000, leftover="disable", pos=(900, 400), title="Low-noise sampler (steps 10-end)"),
+                Node("decode", "VAEDecode", (1260, 20), {}, {"samples": ("sampler_low", 0), "vae": ("vae", 0)}),
+                Node("save", "SaveAnimatedWEBP", (1260, 130),
+                     {"filename_prefix": "wan22_t2v_14b_pag_uncond", "fps": 16.0, "lossless": False, "quality": 90,
+                      "method": "default"},
+                     {"images": ("decode", 0)}, size=(420, 470)),
+            ],
+        ),
+        Workflow(
+            "mochi_seg_uncond", "Mochi 1 preview + SEG (uncond branch, no extra pass)",
+            "Smoothed Energy Guidance on Mochi 1 preview, a text-to-video model, with placement 'uncond branch': "
+            "no pass beyond CFG's own.\n\n"
+            "In the chosen block of Mochi's 48 joint video-text blocks, CFG's own negative prediction is made with "
+            "blurred queries of the video tokens, frame by frame (the text tokens are untouched); at the infinite "
+            "blur every video query is the mean query of its frame. CFG then guides away from that smoothed prediction: result = blurred "
+            "negative + CFG x (positive - blurred negative). No copy is batched, so a step costs what CFG costs. "
+            "The SEG scale only switches it on (0 is off); CFG and the blur set the strength. At CFG 1 there is no "
+            "negative and this placement does nothing (the log says so): use 'own branch' there.\n\n"
+            "Settings: CFG 4.5, as in Genmo's example command for Mochi 1 preview; 848x480, its native size. Nothing is "
+            "published for SEG on Mochi: layers 'auto' is block.35 (the layer the Spatiotemporal Skip Guidance "
+            "authors published for Mochi), blur sigma 10000 the infinite blur (SEG's default), scale 3 only "
+            "switches it on; 37 frames, 30 steps of euler / simple and 30 fps are starting points too, not "
+            "published settings. Lower the blur sigma (10, 5, 2) for a weaker effect.\n\n"
+            f"{COMPARE}\n\nModels: {MOCHI} in models/diffusion_models, {FLUX_T5} in models/text_encoders, "
+            f"{MOCHI_VAE} in models/vae.",
+            [
+                note(size=(400, 560)),
+                Node("unet", "UNETLoader", (20, 620), {"unet_name": MOCHI, "weight_dtype": "default"}, size=(380, 90)),
+                Node("clip", "CLIPLoader", (20, 750), {"clip_name": FLUX_T5, "type": "mochi", "device": "default"},
+                     size=(380, 110)),
+                Node("vae", "VAELoader", (20, 900), {"vae_name": MOCHI_VAE}, size=(380, 60)),
+                seg(pos=(460, 20), model=("unet", 0), scale=3.0, blur_sigma=10000.0, layers="auto",
+                    start_percent=0.0, end_percent=1.0, placement="uncond branch"),
+                Node("positive", "CLIPTextEncode", (460, 270),
+                     {"text": "a paper boat drifting down a rain-filled gutter, ripples and reflections, close-up, "
+                              "the camera following it"},
+                     {"clip": ("clip", 0)}, title="Positive prompt", size=(400, 170)),
+                Node("negative", "CLIPTextEncode", (460, 490), {"text": NEGATIVE + ", static, still frame"},
+                     {"clip": ("clip", 0)}, title="Negative prompt", size=(400, 130)),
+                Node("latent", "EmptyMochiLatentVideo", (460, 670),
+                     {"width": 848, "height": 480, "length": 37, "batch_size": 1}, title="Empty video latent"),
+                Node("sampler", "KSampler", (900, 20),
+                     {"seed": 42, "control_after_generate": "fixed", "steps": 30, "cfg": 4.5,
+                      "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0},
+                     {"model": ("seg", 0), "positive": ("positive", 0), "negative": ("negative", 0),
+                      "latent_image": ("latent", 0)}),
+                Node("decode", "VAEDecode", (1240, 20), {}, {"samples": ("sampler", 0), "vae": ("vae", 0)}),
+                Node("save", "SaveAnimatedWEBP", (1240, 130),
+                     {"filename_prefix": "mochi_seg_uncond", "fps": 30.0, "lossless": False, "quality": 90,
+                      "method": "default"},
+                     {"images": ("decode", 0)}, size=(420, 470)),
             ],
         ),
     ]

@@ -41,7 +41,9 @@ TEST_SIZE_INPUTS = {
     "EmptyLatentImage": {"width": TEST_SIZE, "height": TEST_SIZE, "batch_size": 1},
     "EmptySD3LatentImage": {"width": TEST_SIZE, "height": TEST_SIZE, "batch_size": 1},
     "EmptyHunyuanLatentVideo": {"width": TEST_SIZE, "height": TEST_SIZE, "length": 1, "batch_size": 1},
+    "EmptyMochiLatentVideo": {"width": TEST_SIZE, "height": TEST_SIZE, "length": 7, "batch_size": 1},
     "KSampler": {"steps": TEST_STEPS},
+    "KSamplerAdvanced": {"steps": TEST_STEPS},
     "AG_SAGMaskPreview": {"steps": TEST_STEPS},
 }
 

@@ -57,7 +57,23 @@ COSMOS_PREDICT2_2B = dict(
     rope_enable_fps_modulation=False,
 )
 
-ARCHITECTURES = ("sd15", "sdxl", "sd3_medium", "flux_dev", "z_image", "wan21_t2v_1.3b", "cosmos_predict2_2b")
+# Wan 2.2 14B T2V, each of its two experts (high noise, low noise): Wan 2.1 14B's architecture, 40 blocks of width
+# 5120, 40 heads; the host detects it as WAN21_T2V (Wan 2.2's own latent is the 5B model's).
+WAN22_T2V_14B = dict(
+    image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=5120, ffn_dim=13824,
+    freq_dim=256, text_dim=4096, out_dim=16, num_heads=40, num_layers=40, eps=1e-6,
+)
+
+# Mochi 1 preview: 48 joint blocks, video width 3072, text width 1536 (fixed in comfy.model_detection).
+MOCHI_PREVIEW = dict(
+    image_model="mochi_preview", depth=48, patch_size=2, num_heads=24, hidden_size_x=3072, hidden_size_y=1536,
+    mlp_ratio_x=4.0, mlp_ratio_y=4.0, learn_sigma=False, in_channels=12, qk_norm=True, qkv_bias=False, out_bias=True,
+    attn_drop=0.0, patch_embed_bias=True, posenc_preserve_area=True, timestep_mlp_bias=True, attend_to_padding=False,
+    timestep_scale=1000.0, use_t5=True, t5_feat_dim=4096, t5_token_length=256, rope_theta=10000.0,
+)
+
+ARCHITECTURES = ("sd15", "sdxl", "sd3_medium", "flux_dev", "z_image", "wan21_t2v_1.3b", "cosmos_predict2_2b",
+                 "wan22_t2v_14b", "mochi_preview")
 
 
 def meta_model(architecture: str):
@@ -77,6 +93,10 @@ def meta_model(architecture: str):
                                                          device="meta"),
         "cosmos_predict2_2b": lambda: comfy.model_base.CosmosPredict2(
             comfy.supported_models.CosmosT2IPredict2(dict(COSMOS_PREDICT2_2B)), device="meta"),
+        "wan22_t2v_14b": lambda: comfy.model_base.WAN21(comfy.supported_models.WAN21_T2V(dict(WAN22_T2V_14B)),
+                                                        device="meta"),
+        "mochi_preview": lambda: comfy.model_base.GenmoMochi(comfy.supported_models.GenmoMochi(dict(MOCHI_PREVIEW)),
+                                                             device="meta"),
     }
     if architecture not in builders:
         raise ValueError(f"unknown architecture {architecture!r}; one of {', '.join(ARCHITECTURES)}")
