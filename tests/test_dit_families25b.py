@@ -23,6 +23,15 @@ from support.dit_models import build_dit, count_forwards, empty_dit_latent, make
 from support.dit_models import tiny_dit as tiny
 from support.models import denoise_once, sample
 
+
+@pytest.fixture(autouse=True)
+def _without_autograd():
+    """As ComfyUI runs a prompt (under inference mode): no autograd graph. These stacks are long (up to 54
+    blocks); with autograd on, what the host and the tests keep between tests adds up to gigabytes in the one
+    process of the whole suite."""
+    with torch.no_grad():
+        yield
+
 FAMILIES = ["auraflow", "omnigen2", "mochi", "cosmos1", "cosmos1_i2v"]
 COSMOS = ("cosmos1", "cosmos1_i2v")
 # a block per family, spelled as the host, diffusers or the short name
