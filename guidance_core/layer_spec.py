@@ -319,7 +319,7 @@ class BlockKind:
     diffusers_attention: str = "attn"
     note: str | None = None
     # what precedes the index in the host's module name: "block" where the host names its blocks "block0", ...
-    # in a ModuleDict (Cosmos 1: ``blocks.block0``)
+    # in a ModuleDict (``blocks.block0``)
     host_index_prefix: str = ""
 
     def __post_init__(self):

@@ -348,7 +348,7 @@ def _batch_first_tokens(tokens) -> int:
 
 
 def _batch_fourth_tokens(tokens) -> int:
-    """Space-time tokens of a ``[T, H, W, B, C]`` block input (Cosmos 1's "THWBD")."""
+    """Space-time tokens of a ``[T, H, W, B, C]`` block input (the "THWBD" layout)."""
     return math.prod(tokens.shape[:3])
 
 
