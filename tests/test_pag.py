@@ -307,9 +307,10 @@ def test_an_unsupported_dit_model_is_refused_by_name():
     import comfy.model_patcher
     import comfy.supported_models
 
-    aura = comfy.model_base.AuraFlow(comfy.supported_models.AuraFlow({"cond_seq_dim": 2048}), device="meta")
+    # HunyuanDiT (AuraFlow was the example until the pack learned it)
+    hydit = comfy.supported_models.HunyuanDiT({"image_model": "hydit"}).get_model({}, device="meta")
     cpu = torch.device("cpu")
-    patcher = comfy.model_patcher.ModelPatcher(aura, load_device=cpu, offload_device=cpu)
+    patcher = comfy.model_patcher.ModelPatcher(hydit, load_device=cpu, offload_device=cpu)
     with pytest.raises(UnsupportedModelError) as error:
         pag(patcher)
-    assert "AuraFlow" in str(error.value) and "SD1.x" in str(error.value) and "Flux" in str(error.value)
+    assert "HunyuanDiT" in str(error.value) and "SD1.x" in str(error.value) and "Flux" in str(error.value)
