@@ -25,6 +25,7 @@ from typing import Callable
 
 import comfy.patcher_extension
 
+from .compiled_model import outside_compiled
 from .options import DISPLACEMENT_PROBES, GUIDANCE_OPTIONS, guidance_options
 from .run_state import clear_after_sampling
 
@@ -84,9 +85,11 @@ class DisplacementGuard:
             finally:
                 _HANDLING.reset(token)
 
-        setattr(attention_guidance_handler, _OWNER, key)
-        setattr(attention_guidance_handler, _PREVIOUS, previous)
-        return attention_guidance_handler
+        # run by Python where the model is compiled, so that it reads this forward's options (compiled_model)
+        kept = outside_compiled(attention_guidance_handler)
+        setattr(kept, _OWNER, key)
+        setattr(kept, _PREVIOUS, previous)
+        return kept
 
     def override(self, make_override, previous):
         """The node's attention override, ``make_override(previous)`` (called as ``(func, *args, **kwargs)``)."""

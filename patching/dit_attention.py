@@ -18,6 +18,7 @@ import torch
 
 from ..guidance_core.layer_spec import DiTBlock
 from ..guidance_core.rows import chunk_rows, split_by_chunk
+from .compiled_model import keep_apart_when_compiled, outside_compiled
 from .dit_reach import DiTReach, JointBlockMark, VideoBlockMark
 from .options import GUIDANCE_OPTIONS, LATENT_FRAMES, LATENT_HW, chunk_ids, guidance_options, options_for_chunks
 from .run_state import WRAPPER_KEY
@@ -280,7 +281,9 @@ def install_dit_handler(model, dit: DiTModel, blocks: list[DiTBlock], handler: H
         return attention_guidance_override
 
     previous = transformer_options.get(OVERRIDE, _run_attention)
-    transformer_options[OVERRIDE] = make_override(previous) if guard is None else guard.override(make_override, previous)
+    keep_apart_when_compiled(model)
+    transformer_options[OVERRIDE] = (outside_compiled(make_override(previous)) if guard is None
+                                     else guard.override(make_override, previous))
     reach.install(model, blocks)
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _stamp_latent_size)
 

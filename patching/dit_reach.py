@@ -39,6 +39,7 @@ from typing import Callable
 
 from ..guidance_core.layer_spec import DiTBlock
 from ..guidance_core.token_grid import patch_grid
+from .compiled_model import outside_compiled
 from .options import GUIDANCE_OPTIONS, IMAGE_STREAM, JOINT_BLOCK, MARKED_BLOCK, TEXT_TOKENS, VIDEO_BLOCK, guidance_options
 
 
@@ -116,14 +117,19 @@ def replace_block(model, block_name: str, index: int, run: Callable) -> None:
     """Put ``run(args, extra, previous_block)`` on the host's block replacement of one block, chained."""
     replacements = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
     previous = replacements.get((block_name, index))
+    # where the model is compiled, each of our frames here runs in Python and the block they run compiles
+    # (compiled_model); a traced frame of ours would bake this forward's options into the compiled code
+    run = outside_compiled(run, whole=False)
 
     def previous_block(args, extra):
         return previous(args, extra) if previous is not None else extra["original_block"](args)
 
+    previous_block = outside_compiled(previous_block, whole=False)
+
     def attention_guidance_block(args, extra):
         return run(args, extra, previous_block)
 
-    model.set_model_patch_replace(attention_guidance_block, "dit", block_name, index)
+    model.set_model_patch_replace(outside_compiled(attention_guidance_block, whole=False), "dit", block_name, index)
 
 
 def patch_block_forward(model, module: str, run: Callable) -> None:
@@ -131,11 +137,12 @@ def patch_block_forward(model, module: str, run: Callable) -> None:
     ``run(previous_forward, args, kwargs)``."""
     key = f"diffusion_model.{module}.forward"
     previous = model.get_model_object(key)  # the block's own forward, or an earlier node's patch
+    run = outside_compiled(run, whole=False)  # as in replace_block
 
     def attention_guidance_forward(*args, **kwargs):
         return run(previous, args, kwargs)
 
-    model.add_object_patch(key, attention_guidance_forward)
+    model.add_object_patch(key, outside_compiled(attention_guidance_forward, whole=False))
 
 
 def _with_ours(options: dict, **values) -> dict:

@@ -25,6 +25,8 @@ SAG_RECORD = "sag_record"  # {node instance: cond id whose chunks the SAG site r
 SAG_PREVIEW = "sag_preview"
 # in a guarded forward: {guard key: list}; the node's own (displaced) handler appends to it (displacement)
 DISPLACEMENT_PROBES = "displacement_probes"
+# the attn1 replacements this forward runs with (compiled_model.apart_when_compiled, unet_attention.at_own_sites)
+ATTN1_REPLACEMENTS = "attn1_replacements"
 # DiT forwards (dit_reach, dit_attention):
 LATENT_HW = "dit_latent_hw"  # (H, W) of the latent this forward runs on
 LATENT_FRAMES = "dit_latent_frames"  # T of a [B, C, T, H, W] latent this forward runs on

@@ -12,6 +12,9 @@ from typing import Callable
 
 import comfy.ldm.modules.attention
 
+from .compiled_model import keep_apart_when_compiled, outside_compiled
+from .options import ATTN1_REPLACEMENTS, guidance_options
+
 AttentionFn = Callable[..., "torch.Tensor"]  # noqa: F821
 
 
@@ -57,6 +60,7 @@ def install_site_handler(model, sites, make_handler: Callable[[AttentionFn], Att
     inside its own extra pass) replaces ours there instead of being shadowed by a 3-tuple key; any
     3-tuple entries already on the model are wrapped too. A partial set uses 3-tuple keys.
     """
+    keep_apart_when_compiled(model, unet_transformer_blocks(model), outside_compiled(attention_at_live_site))
     replacements = attn1_replacements(model)
     modules: dict = {}
     for site in sites:
@@ -69,9 +73,59 @@ def install_site_handler(model, sites, make_handler: Callable[[AttentionFn], Att
             keys = [block + (i,) for i in indices]
         previous = {key: replacements.get(key, replacements.get(block, host_attention)) for key in keys}
         for key in keys:
+            covered = [block + (i,) for i in indices if len(key) == 2 or key[2] == i]
             if guard is None:
-                handler = make_handler(previous[key])
+                handler = outside_compiled(make_handler(previous[key]))
             else:
-                covered = [block + (i,) for i in indices if len(key) == 2 or key[2] == i]
                 handler = guard.attn1(make_handler, previous[key], covered)
-            model.set_model_attn1_replace(handler, *key)
+            model.set_model_attn1_replace(at_own_sites(handler, covered), *key)
+
+
+def at_own_sites(handler: AttentionFn, sites: list) -> AttentionFn:
+    """``handler`` where the host calls it at one of ``sites`` ((block, id, transformer index)); elsewhere what
+    the host runs there: the forward's replacement for that site, or the host's attention.
+
+    Compiled with the guards on transformer_options dropped (compiled_model), the code dynamo traced for one
+    transformer block also runs other blocks of the same shapes, with the replacement it looked up at the first
+    (BasicTransformerBlock reads the block and its index from transformer_options); the block and index in
+    ``extra_options`` are this call's own.
+    """
+    own = frozenset(sites)
+
+    def attention_guidance_site(q, k, v, extra_options, **kwargs):
+        block = extra_options.get("block")
+        if block is None or ATTN1_REPLACEMENTS not in guidance_options(extra_options):
+            return handler(q, k, v, extra_options, **kwargs)
+        if (block[0], block[1], extra_options.get("block_index", 0)) in own:
+            return handler(q, k, v, extra_options, **kwargs)
+        return attention_at_live_site(q, k, v, extra_options, **kwargs)
+
+    site_handler = outside_compiled(attention_guidance_site)
+    # what the handler is marked with (displacement.DisplacementGuard: whose handler it is, what it calls)
+    for name, value in vars(handler).items():
+        if name.startswith("attention_guidance"):
+            setattr(site_handler, name, value)
+    return site_handler
+
+
+def attention_at_live_site(q, k, v, extra_options, **kwargs):
+    """What the host runs at the block this call comes from (``extra_options``' block and index, this call's own):
+    the forward's attn1 replacement for that site (``ATTN1_REPLACEMENTS``), or the host's attention."""
+    block = extra_options["block"]
+    site = (block[0], block[1], extra_options.get("block_index", 0))
+    replacements = guidance_options(extra_options).get(ATTN1_REPLACEMENTS, {})
+    there = replacements.get(site, replacements.get(site[:2]))
+    if there is None:
+        return host_attention(q, k, v, extra_options, **kwargs)
+    return there(q, k, v, extra_options, **kwargs)
+
+
+def unet_transformer_blocks(model) -> list[tuple]:
+    """The host's ``(block, id)`` of every UNet block with a SpatialTransformer."""
+    from comfy.ldm.modules.attention import SpatialTransformer
+
+    diffusion_model = model.get_model_object("diffusion_model")
+    stacks = (("input", diffusion_model.input_blocks), ("middle", [diffusion_model.middle_block]),
+              ("output", diffusion_model.output_blocks))
+    return [(name, i) for name, blocks in stacks for i, block in enumerate(blocks)
+            if any(isinstance(module, SpatialTransformer) for module in block)]

@@ -28,10 +28,13 @@ work on the tiny test model.
     python3 scripts/host.py setup
     COMFYUI_PATH=.cache/comfyui .cache/venv/bin/python tests/benchmarks/bench_guidance.py [--latent 32] [--batch 1 2]
 
-``--compile`` measures instead the host's TorchCompileModel applied after our nodes (``--backend``,
-inductor by default): each configuration's first run (which compiles), the graphs it compiled, the
-speed-up over the eager model in rounds side by side, and the graphs compiled during those rounds
-(0 when nothing recompiles per step or per guided/unguided switch). On 2 CPU cores inductor takes many
+``--compile`` measures instead the model compiled after our nodes as the newest host's TorchCompileModel
+compiles it (``disable_dynamic`` where the host's clone takes it, and its guard filter that drops every guard
+on transformer_options; ``--no-guard-filter``: 0.3.75's TorchCompileModel as it is; ``--backend``, inductor by
+default): each configuration's first run (which compiles), the graphs it compiled, the speed-up over the
+eager model in rounds side by side, each configuration's ratio to CFG only eager and compiled, and the target
+that compiled guidance keeps its eager ratio (at most 1.05x of it), and the graphs compiled during those
+rounds (0 when nothing recompiles per step or per guided/unguided switch). On 2 CPU cores inductor takes many
 minutes for the full-width UNet; ``--latent 16 --steps 2 --repeats 2 --batch 1`` keeps it shorter.
 
 It runs on the GPU wherever torch sees one (``AG_HOST_DEVICE=cpu`` keeps it on the CPU); for the GPU
@@ -376,7 +379,7 @@ def per_step_work(steps: int, rounds: int, cfg: float) -> None:
 
 # the configurations --compile measures (each new guards is a compile of the whole model: on a GPU inductor
 # takes most of a minute for each)
-COMPILED = ("CFG only", "our PAG", "our SAG")
+COMPILED = ("CFG only", "our PAG", "our SAG", "our PAG end 0.5")
 
 
 def sample_seconds(model, positive, negative, latent, steps, cfg) -> float:
@@ -394,7 +397,26 @@ def unique_graphs() -> int:
     return dynamo_counters["stats"]["unique_graphs"]
 
 
-def compiled_speedup(configs, positive, negative, latent, steps, repeats, cfg, backend) -> None:
+def skip_torch_compile_dict(guard_entries):
+    """The newest host's guard filter (comfy_api/torch_helpers/torch_compile.py, 0.38.1), which 0.3.75 lacks."""
+    return [("transformer_options" not in entry.name) for entry in guard_entries]
+
+
+def compile_model(model, backend: str, guard_filter: bool):
+    """``model`` compiled as the newest host's TorchCompileModel does (with ``guard_filter``), else as 0.3.75's."""
+    if not guard_filter:
+        return TorchCompileModel.execute(model, backend=backend).result[0]
+    import inspect
+
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    takes = "disable_dynamic" in inspect.signature(model.clone).parameters
+    clone = model.clone(disable_dynamic=True) if takes else model.clone()
+    set_torch_compile_wrapper(model=clone, backend=backend, options={"guard_filter_fn": skip_torch_compile_dict})
+    return clone
+
+
+def compiled_speedup(configs, positive, negative, latent, steps, repeats, cfg, backend, guard_filter=True) -> None:
     """Each configuration with the host's TorchCompileModel applied after ours: its first run (which
     compiles), the graphs that compiled, then rounds of the eager and the compiled model side by side
     and the graphs compiled during them (0: nothing recompiles per step or per guided/unguided switch)."""
@@ -403,8 +425,9 @@ def compiled_speedup(configs, positive, negative, latent, steps, repeats, cfg, b
             # every configuration compiles the same diffusion model's code, each with its own guards
             setattr(torch._dynamo.config, name, 64)
     names = [name for name in COMPILED if name in configs]
-    compiled = {name: TorchCompileModel.execute(configs[name].model, backend=backend).result[0] for name in names}
-    print(f"\n## torch.compile (the host's TorchCompileModel after ours, backend {backend}, {repeats} rounds)\n")
+    compiled = {name: compile_model(configs[name].model, backend, guard_filter) for name in names}
+    how = "the newest host's guard filter" if guard_filter else "0.3.75's TorchCompileModel"
+    print(f"\n## torch.compile after ours ({how}, backend {backend}, {repeats} rounds)\n")
     first = {}
     for name in names:
         before = unique_graphs()
@@ -420,12 +443,22 @@ def compiled_speedup(configs, positive, negative, latent, steps, repeats, cfg, b
             compiled_times[name].append(sample_seconds(compiled[name], positive, negative, latent, steps, cfg))
     recompiled = unique_graphs() - warm
     print()
-    print("| configuration | eager (s) | compiled (s) | speed-up | compiled, vs compiled CFG only | first run (s) | graphs compiled in it |")
-    print("|---|---|---|---|---|---|---|")
+    print("| configuration | eager (s) | compiled (s) | speed-up | eager, vs eager CFG only | compiled, vs compiled CFG only "
+          "| first run (s) | graphs compiled in it |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in names:
         print(f"| {name} | {min(eager_times[name]):.3f} | {min(compiled_times[name]):.3f} | "
               f"{paired_ratio(eager_times[name], compiled_times[name]):.2f}x | "
+              f"{paired_ratio(eager_times[name], eager_times['CFG only']):.2f}x | "
               f"{paired_ratio(compiled_times[name], compiled_times['CFG only']):.2f}x | {first[name][0]:.1f} | {first[name][1]} |")
+    print()
+    for name in names[1:]:
+        # per round: the compiled ratio to CFG only over the eager one, both timed in that round
+        kept = [(c / cc) / (e / ec) for c, cc, e, ec in zip(compiled_times[name], compiled_times["CFG only"],
+                                                             eager_times[name], eager_times["CFG only"])]
+        ratio = statistics.median(kept)
+        print(f"- {name}: compiled ratio to CFG only / eager ratio = {ratio:.3f} (rounds {min(kept):.3f}-{max(kept):.3f}), "
+              f"target <= 1.05: {'met' if ratio <= 1.05 else 'MISSED'}")
     print(f"\ngraphs compiled during the {repeats} timed rounds (after each configuration's first run): {recompiled}"
           + ("" if recompiled == 0 else " -- something recompiles per step"), flush=True)
 
@@ -443,6 +476,8 @@ def main():
     parser.add_argument("--compile", action="store_true",
                         help="instead of the tables: the speed-up of the host's TorchCompileModel on our nodes")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend for --compile")
+    parser.add_argument("--no-guard-filter", action="store_true",
+                        help="--compile as 0.3.75's TorchCompileModel, without the newest host's guard filter")
     parser.add_argument("--work-steps", type=int, default=24,
                         help="steps of the per-step work measurement on the tiny model (0 skips it)")
     parser.add_argument("--tiny-only", action="store_true",
@@ -468,7 +503,7 @@ def main():
             latent = torch.zeros(batch, 4, options.latent, options.latent)
             print(f"\n## batch {batch}")
             compiled_speedup(configurations(model), positive, negative, latent, options.steps, options.repeats,
-                             options.cfg, options.backend)
+                             options.cfg, options.backend, guard_filter=not options.no_guard_filter)
         print(f"\ntotal {time.perf_counter() - started:.0f} s")
         return
     results = {}
