@@ -1,0 +1,49 @@
+"""Shared helpers of the family tests: the nodes with test defaults, overrides that record attention calls,
+noisy latents and chosen blocks of the session's tiny DiTs."""
+from attention_guidance.nodes.pag import PerturbedAttentionGuidance
+from attention_guidance.nodes.sag import SelfAttentionGuidance
+from attention_guidance.nodes.seg import SmoothedEnergyGuidance
+from attention_guidance.patching.families import recognise
+from support.dit_models import noisy_dit_latent
+from support.dit_models import tiny_dit as tiny
+
+
+def pag(model, layers, scale=3.0):
+    return PerturbedAttentionGuidance.execute(model, scale, layers, 0.0, 0.0, 1.0, 0.0).result[0]
+
+
+def seg(model, layers, scale=3.0, blur_sigma=10.0):
+    return SmoothedEnergyGuidance.execute(model, scale, blur_sigma, layers, 0.0, 1.0).result[0]
+
+
+def sag(model, layer, scale=0.75):
+    return SelfAttentionGuidance.execute(model, scale, 1.0, 1.0, 9, layer, 0.0, 1.0).result[0]
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def with_override(model, override):
+    clone = model.clone()
+    clone.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
+    return clone
+
+
+def recording(model, calls):
+    """A clone whose attention override records each call (its options as they were then, args, kwargs)."""
+
+    def record(func, *args, **kwargs):
+        calls.append((dict(kwargs.get("transformer_options") or {}), args, kwargs))
+        return func(*args, **kwargs)
+
+    return with_override(model, record)
+
+
+def latent(family, hw=(8, 10), batch=1, sigma=0.6, seed=1):
+    return noisy_dit_latent(tiny(family), sigma, shape=(batch, 16, *hw), seed=seed)
+
+
+def chosen(family, spec):
+    (block,) = recognise(tiny(family), "test").layout.select(spec)
+    return block
