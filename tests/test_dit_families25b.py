@@ -18,7 +18,9 @@ from attention_guidance.patching.families import UnsupportedModelError, recognis
 from attention_guidance.patching.sag import with_sag_mask_probe
 from support.dit_models import build_dit, count_forwards, empty_dit_latent, make_dit_conditioning, noisy_dit_latent
 from support.dit_models import tiny_dit as tiny
-from support.family_checks import chosen, latent, pag, recording, rel_err, sag, seg, with_override
+from support.family_checks import (
+    assert_batch_rows_guided_independently, chosen, latent, pag, recording, rel_err, sag, seg, with_override,
+)
 from support.models import denoise_once, sample
 
 
@@ -366,16 +368,7 @@ def test_seg_at_infinite_blur_is_the_mean_query_of_each_frame_in_the_chosen_bloc
 @pytest.mark.parametrize("node", ["pag", "sag"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batch_rows_are_guided_independently(family, node):
-    model = tiny(family)
-    x, sigma = latent(family, batch=2)
-    positive, negative = make_dit_conditioning(family, batch=2, seed=10)
-    patched = (pag if node == "pag" else sag)(model, BLOCK[family])
-    both = denoise_once(patched, positive, negative, x, sigma, 4.0)
-    for i in range(2):
-        row = [[[c[0][i:i + 1], {k: (v[i:i + 1] if torch.is_tensor(v) and v.shape[:1] == (2,) else v)
-                                 for k, v in c[1].items()}] for c in conditioning] for conditioning in (positive, negative)]
-        single = denoise_once(patched, row[0], row[1], x[i:i + 1], sigma, 4.0)
-        assert rel_err(single, both[i:i + 1]) < 1e-4
+    assert_batch_rows_guided_independently(family, (pag if node == "pag" else sag), BLOCK[family])
 
 
 # --- the ways in: AuraFlow's text length, OmniGen2's object patches -------------------------------------------

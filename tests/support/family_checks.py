@@ -1,11 +1,14 @@
 """Shared helpers of the family tests: the nodes with test defaults, overrides that record attention calls,
 noisy latents and chosen blocks of the session's tiny DiTs."""
+import torch
+
 from attention_guidance.nodes.pag import PerturbedAttentionGuidance
 from attention_guidance.nodes.sag import SelfAttentionGuidance
 from attention_guidance.nodes.seg import SmoothedEnergyGuidance
 from attention_guidance.patching.families import recognise
-from support.dit_models import noisy_dit_latent
+from support.dit_models import make_dit_conditioning, noisy_dit_latent
 from support.dit_models import tiny_dit as tiny
+from support.models import denoise_once
 
 
 def pag(model, layers, scale=3.0):
@@ -47,3 +50,17 @@ def latent(family, hw=(8, 10), batch=1, sigma=0.6, seed=1):
 def chosen(family, spec):
     (block,) = recognise(tiny(family), "test").layout.select(spec)
     return block
+
+
+def assert_batch_rows_guided_independently(family, node, block):
+    """``node`` (pag or sag) at ``block`` on a batch of two gives each row what it gives that row alone."""
+    model = tiny(family)
+    x, sigma = latent(family, batch=2)
+    positive, negative = make_dit_conditioning(family, batch=2, seed=10)
+    patched = node(model, block)
+    both = denoise_once(patched, positive, negative, x, sigma, 4.0)
+    for i in range(2):
+        row = [[[c[0][i:i + 1], {k: (v[i:i + 1] if torch.is_tensor(v) and v.shape[:1] == (2,) else v)
+                                 for k, v in c[1].items()}] for c in conditioning] for conditioning in (positive, negative)]
+        single = denoise_once(patched, row[0], row[1], x[i:i + 1], sigma, 4.0)
+        assert rel_err(single, both[i:i + 1]) < 1e-4
