@@ -20,7 +20,9 @@ from ..guidance_core.layer_spec import DiTBlock
 from ..guidance_core.rows import chunk_rows, split_by_chunk
 from .compiled_model import keep_apart_when_compiled, outside_compiled
 from .dit_reach import DiTReach, JointBlockMark, VideoBlockMark
-from .options import GUIDANCE_OPTIONS, LATENT_FRAMES, LATENT_HW, chunk_ids, guidance_options, options_for_chunks
+from .options import (
+    GUIDANCE_OPTIONS, LATENT_FRAMES, LATENT_HW, chunk_ids, guidance_options, options_for_chunks, running_forward,
+)
 from .run_state import WRAPPER_KEY
 
 OVERRIDE = "optimized_attention_override"
@@ -242,7 +244,9 @@ Handler = Callable[[DiTAttention], torch.Tensor]
 def _stamp_latent_size(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
     ours = {**transformer_options.get(GUIDANCE_OPTIONS, {}), LATENT_HW: tuple(x.shape[-2:]),
             LATENT_FRAMES: x.shape[2] if x.ndim == 5 else None}
-    return executor(x, t, c_concat, c_crossattn, control, {**transformer_options, GUIDANCE_OPTIONS: ours}, **kwargs)
+    options = {**transformer_options, GUIDANCE_OPTIONS: ours}
+    with running_forward(options):
+        return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
 
 def install_dit_handler(model, dit: DiTModel, blocks: list[DiTBlock], handler: Handler, guard=None) -> None:

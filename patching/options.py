@@ -11,6 +11,9 @@ size, chunk ``i`` belonging to cond list ``chunks[i]`` (the host's ``cond_or_unc
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 GUIDANCE_OPTIONS = "attention_guidance"
 
 # Keys under transformer_options[GUIDANCE_OPTIONS]:
@@ -77,3 +80,24 @@ def options_for_chunks(options: dict, positions: list[int]) -> dict:
         ids = chunk_ids(options)
         narrowed[GUIDANCE_OPTIONS] = dict(ours, **{CHUNK_IDS: [ids[i] for i in positions]})
     return narrowed
+
+
+# The transformer_options of the diffusion model's forward running now in this thread (set by the APPLY_MODEL
+# wrapper of dit_attention), for modules the host runs without them (dit_reach's forward_options_blocks and
+# tapped_attention). A context variable: the host's multi-GPU forwards run in worker threads of their own.
+_FORWARD_OPTIONS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("attention_guidance_forward_options",
+                                                                               default=None)
+
+
+@contextlib.contextmanager
+def running_forward(options: dict):
+    token = _FORWARD_OPTIONS.set(options)
+    try:
+        yield
+    finally:
+        _FORWARD_OPTIONS.reset(token)
+
+
+def forward_options() -> dict | None:
+    """The transformer_options of the model forward running now, or None outside one."""
+    return _FORWARD_OPTIONS.get()
