@@ -20,9 +20,7 @@ from ..guidance_core.layer_spec import DiTBlock
 from ..guidance_core.rows import chunk_rows, split_by_chunk
 from .compiled_model import keep_apart_when_compiled, outside_compiled
 from .dit_reach import DiTReach, JointBlockMark, VideoBlockMark
-from .options import (
-    GUIDANCE_OPTIONS, LATENT_FRAMES, LATENT_HW, chunk_ids, guidance_options, options_for_chunks, running_forward,
-)
+from .options import GUIDANCE_OPTIONS, LATENT_FRAMES, LATENT_HW, chunk_ids, guidance_options, options_for_chunks
 from .run_state import WRAPPER_KEY
 
 OVERRIDE = "optimized_attention_override"
@@ -142,11 +140,13 @@ class DiTAttention:
         if self.image_first:
             image_tokens = self.length - self.text_tokens
             return slice(image_tokens - count, image_tokens)
-        if self.model.reach.video_only and count != self.length:
+        if self.model.reach.no_text and count != self.length:
+            if self.model.reach.extra_tokens_follow and count < self.length:
+                return slice(0, count)  # reference or motion latents after the video's own tokens
             raise RuntimeError(
                 f"Attention guidance: {self.block.index_name} attends over {self.length} tokens, not the "
-                f"{'x'.join(map(str, grid))} video tokens of the latent: the model adds reference or context "
-                "latents to the sequence, and SAG (its map) and SEG (its blur) cannot tell the video's own tokens "
+                f"{'x'.join(map(str, grid))} tokens of the latent: the model adds reference or context "
+                "latents to the sequence, and SAG (its map) and SEG (its blur) cannot tell the latent's own tokens "
                 "apart there. Use PAG, or run without those latents."
             )
         return slice(self.text_tokens, self.text_tokens + count)
@@ -244,9 +244,7 @@ Handler = Callable[[DiTAttention], torch.Tensor]
 def _stamp_latent_size(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
     ours = {**transformer_options.get(GUIDANCE_OPTIONS, {}), LATENT_HW: tuple(x.shape[-2:]),
             LATENT_FRAMES: x.shape[2] if x.ndim == 5 else None}
-    options = {**transformer_options, GUIDANCE_OPTIONS: ours}
-    with running_forward(options):
-        return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+    return executor(x, t, c_concat, c_crossattn, control, {**transformer_options, GUIDANCE_OPTIONS: ours}, **kwargs)
 
 
 def install_dit_handler(model, dit: DiTModel, blocks: list[DiTBlock], handler: Handler, guard=None) -> None:
@@ -256,6 +254,13 @@ def install_dit_handler(model, dit: DiTModel, blocks: list[DiTBlock], handler: H
     reach = dit.reach
     chosen = {block: block for block in blocks}
     transformer_options = model.model_options.setdefault("transformer_options", {})
+    if reach.taps is not None:  # no override reaches this family's attention
+        from .tapped_attention import install_tapped_handler
+
+        keep_apart_when_compiled(model)
+        install_tapped_handler(model, dit, blocks, handler, transformer_options.get(OVERRIDE, _run_attention))
+        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _stamp_latent_size)
+        return
 
     def make_override(previous):
         def attention_guidance_override(func, *args, **kwargs):

@@ -4,7 +4,7 @@ The host (0.3.75, comfy/ldm/modules/attention.py ``wrap_attn``) calls
 ``transformer_options["optimized_attention_override"](func, *args, **kwargs)`` wherever a model hands
 transformer_options to ``optimized_attention`` (``dit_attention`` installs ours). What an attention call
 does not say is which block it comes from and where its text and image tokens lie. Each family reaches its
-blocks in one of six ways (``DiTReach``, chosen in the family's registry module):
+blocks in one of seven ways (``DiTReach``, chosen in the family's registry module):
 
 - ``host_block_marks``: the model sets ``transformer_options["block_type"]`` ("double" / "single") and
   ``["block_index"]`` before each block and offers ``("double_block", i)`` block replacements. The text
@@ -25,7 +25,14 @@ blocks in one of six ways (``DiTReach``, chosen in the family's registry module)
   the module that first sees the image stream alone measures it; the text is the sequence less that stream.
 - ``video_object_patch_marks``: no block index and no block replacement, video-only self-attention: an object
   patch on each chosen block's ``forward`` marks it as ``video_block_marks`` does, with the space-time token
-  count of the block's input (every axis of it but the batch and the channels).
+  count of the block's input (every axis of it but the batch and the channels). Where the model runs its blocks
+  without transformer_options (and they take them as a keyword), the patch hands them the forward's own.
+- ``tapped_attention``: the attention is called without transformer_options, so no override reaches it: object
+  patches on the chosen blocks' self-attention module read its queries, keys and values at its submodules and
+  hand the input of its output projection the guided attention (``tapped_attention.py``).
+
+Where a module runs without transformer_options, the forward's own come from a context variable set by an
+object patch on the diffusion model's ``forward`` (``record_forward_options``).
 
 Token counts are always measured, never guessed; the latent's size comes from an APPLY_MODEL wrapper
 (``dit_attention``), for the token grid.
@@ -40,7 +47,10 @@ from typing import Callable
 from ..guidance_core.layer_spec import DiTBlock
 from ..guidance_core.token_grid import patch_grid
 from .compiled_model import outside_compiled
-from .options import GUIDANCE_OPTIONS, IMAGE_STREAM, JOINT_BLOCK, MARKED_BLOCK, TEXT_TOKENS, VIDEO_BLOCK, guidance_options
+from .options import (
+    GUIDANCE_OPTIONS, IMAGE_STREAM, JOINT_BLOCK, MARKED_BLOCK, TEXT_TOKENS, VIDEO_BLOCK, forward_options,
+    guidance_options, running_forward,
+)
 
 
 class TokenOrder(enum.Enum):
@@ -49,6 +59,7 @@ class TokenOrder(enum.Enum):
     TEXT_FIRST = "text, then image"
     IMAGE_FIRST = "image, then text"
     VIDEO_ONLY = "video tokens only (the text comes in a separate cross-attention)"
+    IMAGE_ONLY = "image tokens only (the text comes in a separate cross-attention)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +113,8 @@ class DiTReach:
     frames: bool = False
     text_length_site: str = "its first block"
     extra_image_tokens: str | None = None
+    extra_tokens_follow: bool = False
+    taps: "AttentionTaps | None" = None
 
     @property
     def image_first(self) -> bool:
@@ -110,6 +123,11 @@ class DiTReach:
     @property
     def video_only(self) -> bool:
         return self.token_order is TokenOrder.VIDEO_ONLY
+
+    @property
+    def no_text(self) -> bool:
+        """The guided attention is over the image's or video's own tokens only."""
+        return self.token_order in (TokenOrder.VIDEO_ONLY, TokenOrder.IMAGE_ONLY)
 
 
 # the host's block replacements and object patches -------------------------------------------------------
@@ -142,6 +160,30 @@ def patch_block_forward(model, module: str, run: Callable) -> None:
     def attention_guidance_forward(*args, **kwargs):
         return run(previous, args, kwargs)
 
+    model.add_object_patch(key, outside_compiled(attention_guidance_forward, whole=False))
+
+
+def _record_forward_options(previous, args, kwargs):
+    options = kwargs.get("transformer_options")
+    if options is None:
+        return previous(*args, **kwargs)
+    with running_forward(options):
+        return previous(*args, **kwargs)
+
+
+def record_forward_options(model) -> None:
+    """An object patch on the diffusion model's ``forward`` that makes its transformer_options
+    ``options.forward_options()`` while it runs (the host hands them to it as a keyword)."""
+    key = "diffusion_model.forward"
+    previous = model.get_model_object(key)
+    if getattr(previous, "records_forward_options", False):
+        return
+    run = outside_compiled(_record_forward_options, whole=False)
+
+    def attention_guidance_forward(*args, **kwargs):
+        return run(previous, args, kwargs)
+
+    attention_guidance_forward.records_forward_options = True
     model.add_object_patch(key, outside_compiled(attention_guidance_forward, whole=False))
 
 
@@ -359,14 +401,19 @@ def _batch_fourth_tokens(tokens) -> int:
     return math.prod(tokens.shape[:3])
 
 
-def _mark_video_block_forward(block: DiTBlock, count_tokens: Callable = _batch_first_tokens):
+def _mark_video_block_forward(block: DiTBlock, count_tokens: Callable = _batch_first_tokens,
+                              options_from_forward: bool = False):
     """Run the block with its transformer_options carrying a fresh ``VideoBlockMark`` (its input's space-time
     token count, ``count_tokens(input)``). In place, as ``_mark_block``: the dict is this
-    forward's own; the mark is taken off when the block returns."""
+    forward's own; the mark is taken off when the block returns. ``options_from_forward``: where the block is
+    called without transformer_options, it gets a copy of the forward's own."""
 
     def run(previous, args, kwargs):
         options = kwargs.get("transformer_options")
-        tokens = args[0] if args else None
+        if options is None and options_from_forward and forward_options() is not None:
+            options = dict(forward_options())
+            kwargs = {**kwargs, "transformer_options": options}
+        tokens = args[0] if args else kwargs.get("x")
         if options is None or tokens is None:
             return previous(*args, **kwargs)
         mark = VideoBlockMark(block, count_tokens(tokens))
@@ -379,19 +426,60 @@ def _mark_video_block_forward(block: DiTBlock, count_tokens: Callable = _batch_f
     return run
 
 
-def video_object_patch_marks(*, batch_axis: int = 0) -> DiTReach:
+def video_object_patch_marks(*, batch_axis: int = 0, options_from_forward: bool = False,
+                             extra_tokens_follow: bool = False) -> DiTReach:
     """Object patches on each chosen block's ``forward`` (which must take the video tokens first and
     transformer_options as a keyword) that mark it as ``video_block_marks`` does. ``batch_axis``: where the batch
-    is in the block's input, 0 (``[B, L, C]`` / ``[B, T, H, W, C]``) or 3 (``[T, H, W, B, C]``)."""
+    is in the block's input, 0 (``[B, L, C]`` / ``[B, T, H, W, C]``) or 3 (``[T, H, W, B, C]``).
+    ``options_from_forward``: the model runs its blocks without transformer_options; each chosen block gets the
+    forward's own. ``extra_tokens_follow``: see ``DiTReach``."""
     if batch_axis not in (0, 3):
         raise ValueError(f"video blocks take their batch first or fourth, not at axis {batch_axis}")
     count_tokens = _batch_first_tokens if batch_axis == 0 else _batch_fourth_tokens
 
     def install(model, blocks) -> None:
+        if options_from_forward:
+            record_forward_options(model)
         for block in blocks:
-            patch_block_forward(model, block.host_name, _mark_video_block_forward(block, count_tokens))
+            patch_block_forward(model, block.host_name,
+                                _mark_video_block_forward(block, count_tokens, options_from_forward))
 
-    return DiTReach(mechanism="object patches on each chosen block's forward mark it with its input's space-time "
-                    "token count; its first attention over that many tokens is the self-attention",
-                    locate=_locate_video, install=install, token_order=TokenOrder.VIDEO_ONLY,
-                    frames=True, text_length_site="each chosen block")
+    mechanism = ("object patches on each chosen block's forward mark it with its input's space-time token count; its "
+                 "first attention over that many tokens is the self-attention")
+    if options_from_forward:
+        mechanism += "; the blocks, run without transformer_options, are handed the forward's own"
+    return DiTReach(mechanism=mechanism, locate=_locate_video, install=install, token_order=TokenOrder.VIDEO_ONLY,
+                    frames=True, text_length_site="each chosen block", extra_tokens_follow=extra_tokens_follow)
+
+
+# tapped_attention --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttentionTaps:
+    """Where a block's self-attention, which the host runs without transformer_options, can be read and guided.
+
+    ``attention``: the self-attention module, under the block. ``recorded``: its submodules whose outputs are kept
+    while it runs. ``qkv(module, recorded, args, kwargs)``: the queries, keys and values the host's attention takes,
+    each ``[B, heads, L, D]``, from the recorded outputs and the arguments of the module's forward. ``output``: the
+    submodule whose input is the attention's output (``[B, L, heads * D]``); the guided attention replaces it.
+    ``check(module)``: a reason this module cannot be guided, or None.
+    """
+
+    attention: str
+    recorded: tuple[str, ...]
+    qkv: Callable
+    output: str
+    check: Callable[[object], str | None] = lambda module: None
+
+
+def _install_nothing(model, blocks) -> None:
+    return None
+
+
+def tapped_attention(taps: AttentionTaps, *, token_grid=patch_grid) -> DiTReach:
+    """The chosen blocks' self-attention (image tokens only), read at its submodules (``AttentionTaps``)."""
+    return DiTReach(mechanism=f"the host calls its attention without transformer_options, so no override reaches "
+                    f"it: object patches on each chosen block's self-attention ({taps.attention}) read its queries, "
+                    f"keys and values at {', '.join(taps.recorded)} and hand its output projection ({taps.output}) "
+                    "the guided attention", locate=lambda options: NOT_LOCATED, install=_install_nothing,
+                    token_order=TokenOrder.IMAGE_ONLY, token_grid=token_grid, text_length_site="each chosen block",
+                    taps=taps)

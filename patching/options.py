@@ -82,9 +82,9 @@ def options_for_chunks(options: dict, positions: list[int]) -> dict:
     return narrowed
 
 
-# The transformer_options of the diffusion model's forward running now in this thread (set by the APPLY_MODEL
-# wrapper of dit_attention), for modules the host runs without them (dit_reach's forward_options_blocks and
-# tapped_attention). A context variable: the host's multi-GPU forwards run in worker threads of their own.
+# The transformer_options of the diffusion model's forward running now in this thread (set by an object patch on
+# the diffusion model's forward, dit_reach.record_forward_options), for modules the host runs without them. A
+# context variable: the host's multi-GPU forwards run in worker threads of their own.
 _FORWARD_OPTIONS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("attention_guidance_forward_options",
                                                                                default=None)
 

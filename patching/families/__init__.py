@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import auraflow, cosmos1, cosmos_predict2, flux, hidream, hunyuan_image21, hunyuan_video, hunyuan_video15, ltxv, mochi, nextdit, omnigen2, qwen_image, sd3, unet, wan
+from . import (
+    auraflow, cosmos1, cosmos_predict2, flux, hidream, hunyuan_dit, hunyuan_image21, hunyuan_video, hunyuan_video15, ltxv,
+    mochi, nextdit, omnigen2, pixart, qwen_image, sd3, unet, wan, wan_s2v,
+)
 from .family import Family, Layout
 from .refused import REFUSED
 
 # in the order the docs list them; a model is at most one family's
 FAMILIES: tuple[Family, ...] = (
-    unet.FAMILY, sd3.FAMILY, auraflow.FAMILY, flux.FAMILY, qwen_image.FAMILY, nextdit.FAMILY, omnigen2.FAMILY,
-    hidream.FAMILY, hunyuan_image21.FAMILY, wan.FAMILY, hunyuan_video.FAMILY, hunyuan_video15.FAMILY, ltxv.FAMILY,
-    mochi.FAMILY, cosmos1.FAMILY, cosmos_predict2.FAMILY,
+    unet.FAMILY, sd3.FAMILY, auraflow.FAMILY, pixart.FAMILY, hunyuan_dit.FAMILY, flux.FAMILY, qwen_image.FAMILY,
+    nextdit.FAMILY, omnigen2.FAMILY, hidream.FAMILY, hunyuan_image21.FAMILY, wan.FAMILY, wan_s2v.FAMILY,
+    hunyuan_video.FAMILY, hunyuan_video15.FAMILY, ltxv.FAMILY, mochi.FAMILY, cosmos1.FAMILY, cosmos_predict2.FAMILY,
 )
 
 SUPPORTED_MODELS = "; ".join(family.models for family in FAMILIES)

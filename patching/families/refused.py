@@ -5,17 +5,8 @@ model the attention it has; every other model the registry does not recognise ge
 """
 from __future__ import annotations
 
-_NO_OPTIONS = ("its attention is called without transformer_options in this host (0.3.75), so no attention "
-               "override reaches it")
-
 # the host's model config name -> why the nodes cannot guide it
 REFUSED: dict[str, str] = {
-    "WAN22_S2V": "its blocks are run without transformer_options (their block replacement gets none either) in this "
-                 "host (0.3.75), so no attention override reaches their self-attention",
-    "HunyuanDiT": _NO_OPTIONS,
-    "HunyuanDiT1": _NO_OPTIONS,
-    "PixArtAlpha": _NO_OPTIONS + " (its blocks are not handed transformer_options)",
-    "PixArtSigma": _NO_OPTIONS + " (its blocks are not handed transformer_options)",
     "Stable_Cascade_C": "its attention blocks attend from the image tokens to the image and text tokens together, at "
                         "several resolutions, with no block marked by the host; the nodes do not model that attention "
                         "yet",

@@ -3,8 +3,8 @@
 
 Each block runs a video-only self-attention over the space-time tokens, then a cross-attention to the text
 (I2V: to the CLIP image embeddings, then the text), all with the same options; 0.3.75 sets no block index, so
-a block replacement marks each chosen block (``dit_reach.video_block_marks``). S2V's block replacement gets
-no transformer_options (0.3.75), so the nodes cannot reach its attention and it is not recognised. Animate is
+a block replacement marks each chosen block (``dit_reach.video_block_marks``). S2V, whose blocks run without
+transformer_options, is a family of its own (``wan_s2v``). Animate is
 Wan's I2V blocks with pose latents added to the patch embedding and a face adapter after every fifth block, whose
 attention to the face motion is not handed transformer_options (and is a cross-attention): its blocks are reached
 as every Wan model's.
@@ -52,7 +52,5 @@ FAMILY = Family(
                   KnownModel(name="Wan 2.1 / 2.2 14B, Wan 2.2 Animate 14B (40 blocks)",
                              layout=lambda: layout("WAN21_T2V", 40))),
     notes=("Wan 2.2 Animate: the reference image's latent frame and the pose latents are part of the video's tokens "
-           "and guided with them; the face adapter's attention to the face motion is not guided.",
-           "Wan 2.2 S2V is refused: its block replacement gets no transformer_options in 0.3.75, so no attention "
-           "override reaches its blocks."),
+           "and guided with them; the face adapter's attention to the face motion is not guided."),
 )

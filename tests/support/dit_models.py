@@ -80,10 +80,10 @@ from .models import initialise_weights
 DIT_FAMILIES = ("sd3", "sd35", "flux", "flux2", "chroma", "chroma_radiance", "qwen_image", "lumina2", "z_image",
                 "hidream", "wan21", "wan21_i2v", "wan22_ti2v", "hunyuan_video", "ltxv", "hunyuan_video15",
                 "hunyuan_image21", "cosmos_predict2", "cosmos_predict2_i2v", "auraflow", "omnigen2", "mochi", "cosmos1", "cosmos1_i2v",
-                "wan22_animate")
+                "wan22_animate", "pixart", "hunyuan_dit", "wan22_s2v")
 # families whose latents are videos, [B, C, T, H, W]; their test latents have VIDEO_FRAMES frames
 VIDEO_FAMILIES = ("wan21", "wan21_i2v", "wan22_ti2v", "hunyuan_video", "ltxv", "hunyuan_video15", "cosmos_predict2_i2v",
-                  "mochi", "cosmos1", "cosmos1_i2v", "wan22_animate")
+                  "mochi", "cosmos1", "cosmos1_i2v", "wan22_animate", "wan22_s2v")
 BYT5_DIM = 1472  # ByT5-small's width, which the host's ByT5Mapper takes (HunyuanVideo 1.5's glyph tokens)
 VISION_DIM = 32  # image embeddings fed to HunyuanVideo 1.5's vision_in (SigLIP's 1152 in the real one)
 VIDEO_FRAMES = 3
@@ -326,6 +326,20 @@ DIT_CONFIGS["cosmos1"] = {
 }
 # Cosmos 1 Video2World: one more input channel (the mask of the given frames)
 DIT_CONFIGS["cosmos1_i2v"] = {**DIT_CONFIGS["cosmos1"], "in_channels": 17}
+DIT_CONFIGS["pixart"] = {
+    # PixArt Sigma XL-2 (comfy.model_detection, 0.3.75) at 64 channels with its real 28 blocks, no qk-norm
+    "image_model": "pixart_sigma", "num_heads": 2, "patch_size": 2, "hidden_size": 64, "in_channels": 4, "depth": 28,
+    "caption_channels": CONTEXT_DIM, "model_max_length": 7, "micro_condition": False,
+}
+DIT_CONFIGS["hunyuan_dit"] = {
+    # HunyuanDiT v1.2 DiT-g/2 (comfy.model_detection) at 64 channels with its real 40 blocks and qk-norm; its CLIP
+    # text (cross_attn) and mT5 text (conditioning_mt5xl) HUNYUAN_DIT_TEXT tokens each
+    "image_model": "hydit", "depth": 40, "hidden_size": 64, "num_heads": 2, "text_states_dim": CONTEXT_DIM,
+    "text_states_dim_t5": 32, "text_len": 7, "text_len_t5": 7,
+}
+# Wan 2.2 S2V 14B's real 40 blocks, its audio injector after the blocks of Wan's published list
+DIT_CONFIGS["wan22_s2v"] = {**_WAN21, "model_type": "s2v", "num_layers": 40, "audio_dim": 32, "num_audio_token": 4,
+                            "cond_dim": 16, "audio_inject_layers": [0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39]}
 _MODEL_CLASSES = {
     "sd3": (comfy.supported_models.SD3, comfy.model_base.SD3),
     "sd35": (comfy.supported_models.SD3, comfy.model_base.SD3),
@@ -356,6 +370,9 @@ _MODEL_CLASSES = {
     "wan22_animate": (comfy.supported_models.WAN22_Animate, comfy.model_base.WAN22_Animate),
     "cosmos1_i2v": (comfy.supported_models.CosmosI2V, lambda config, device: comfy.model_base.CosmosVideo(
         config, image_to_video=True, device=device)),
+    "pixart": (comfy.supported_models.PixArtSigma, comfy.model_base.PixArt),
+    "hunyuan_dit": (comfy.supported_models.HunyuanDiT, comfy.model_base.HunyuanDiT),
+    "wan22_s2v": (comfy.supported_models.WAN22_S2V, comfy.model_base.WAN22_S2V),
 }
 
 
@@ -430,6 +447,10 @@ def make_dit_conditioning(family: str, batch: int = 1, seed: int = 0, tokens: in
             extras["attention_mask"] = torch.ones(1, tokens, dtype=torch.long)
         if family == "mochi":  # its text encoder's mask, one prompt's (as OmniGen2's): the last two tokens padding
             extras["attention_mask"] = torch.tensor([[1] * (tokens - 2) + [0] * 2])
+        if family == "hunyuan_dit":  # its two text encoders' tokens and masks (the last CLIP token padding)
+            extras["attention_mask"] = torch.tensor([[1] * (tokens - 1) + [0]] * batch)
+            extras["conditioning_mt5xl"] = torch.randn(batch, tokens, 32, generator=generator)
+            extras["attention_mask_mt5xl"] = torch.ones(batch, tokens, dtype=torch.long)
         return [[torch.randn(batch, tokens, CONTEXT_DIM, generator=generator), extras]]
 
     positive = encode()
