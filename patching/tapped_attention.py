@@ -16,6 +16,7 @@ import contextvars
 
 from comfy.ldm.modules.attention import optimized_attention
 
+from .compiled_model import outside_compiled
 from .dit_attention import DiTAttention, DiTModel, Handler
 from .dit_reach import patch_block_forward, record_forward_options
 from .options import forward_options
@@ -63,19 +64,24 @@ def _keep_output(path: str, name: str):
 def _guided_output(path: str, module, block, dit: DiTModel, handler: Handler, previous_override):
     taps = dit.reach.taps
 
-    def run(previous, args, kwargs):
-        record = _RUNNING.get()
-        if record is None or record.path != path:
-            return previous(*args, **kwargs)
-        host_output = args[0]
+    # never traced where the model is compiled, as the override (compiled_model): the handler reads this forward's
+    # options
+    @outside_compiled
+    def guided_attention(record: _Record):
         q, k, v = taps.qkv(module, record.outputs, record.args, record.kwargs)
         # as the host's wrap_attn hands a call to an override: the previous override computes what we do not,
         # and its call of the attention function goes straight to it
         values = {"q": q, "k": k, "v": v, "heads": q.shape[1], "skip_reshape": True,
                   "transformer_options": record.options, "_inside_attn_wrapper": True}
-        call = DiTAttention(previous_override, optimized_attention, values, 4, block=block, model=dit,
-                            text_tokens=0, joint=True)
-        guided = handler(call)
+        return handler(DiTAttention(previous_override, optimized_attention, values, 4, block=block, model=dit,
+                                    text_tokens=0, joint=True))
+
+    def run(previous, args, kwargs):
+        record = _RUNNING.get()
+        if record is None or record.path != path:
+            return previous(*args, **kwargs)
+        host_output = args[0]
+        guided = guided_attention(record)
         return previous(guided.reshape(host_output.shape).to(host_output.dtype), *args[1:], **kwargs)
 
     return run

@@ -9,7 +9,8 @@ is the newest host's own (comfy_api/torch_helpers/torch_compile.py, 0.38.1) wher
 Every node samples with a step window that leaves unguided steps, compiled after the node and before it, with
 CFG 4, then CFG 1, then CFG 6 and other seeds, and must give what the same node gives uncompiled, on a UNet
 (SD1.5), an image DiT (Flux) and a video DiT (Wan 2.1); also with the host's wrapper compiling only the
-transformer blocks (``keys=``), and with one compiled model shared by an unguided and a guided branch. The
+transformer blocks (``keys=``), with one compiled model shared by an unguided and a guided branch, with PAG's and
+SEG's uncond placement, and on PixArt, whose attention is reached through object patches instead of the override. The
 backend is "eager" (dynamo's capture without code generation, the same guards as inductor; see
 test_torch_compile.py). UNet runs use the host's scaled-dot-product attention, as on a GPU, except the one
 that keeps the CPU's own attention (which asks psutil for free memory, so dynamo compiles every transformer
@@ -69,7 +70,21 @@ def seg(model, layers):
                                                       start_percent=0.2, end_percent=1.0).result[0]
 
 
-GUIDANCE = {"pag": pag, "sag": sag, "seg": seg}
+def pag_uncond(model, layers):
+    return NODES["AG_PerturbedAttentionGuidance"].execute(model, scale=3.0, layers=layers, adaptive_scale=0.0,
+                                                          start_percent=0.2, end_percent=0.8, rescale=0.0,
+                                                          placement="uncond branch").result[0]
+
+
+def seg_uncond(model, layers):
+    return NODES["AG_SmoothedEnergyGuidance"].execute(model, scale=3.0, blur_sigma=10000.0, layers=layers,
+                                                      start_percent=0.2, end_percent=1.0,
+                                                      placement="uncond branch").result[0]
+
+
+GUIDANCE = {"pag": pag, "sag": sag, "seg": seg, "pag_uncond": pag_uncond, "seg_uncond": seg_uncond}
+# PixArt's position embedding needs a latent of about 34 x 34 or more
+LATENT_HW = {"pixart": (32, 40)}
 
 
 def graphs() -> int:
@@ -99,7 +114,8 @@ def unet_case():
 def dit_case(family: str):
     model = build_dit(family, seed=0)
     layers = "block.1" if family.startswith("wan") else "auto"
-    return model, *make_dit_conditioning(family, batch=1, seed=1), empty_dit_latent(model, (1, 16, 8, 8)), layers, layers
+    latent = empty_dit_latent(model, (1, 16, *LATENT_HW.get(family, (8, 8))))
+    return model, *make_dit_conditioning(family, batch=1, seed=1), latent, layers, layers
 
 
 def assert_compiled_equals_eager(model, positive, negative, latent, layers_of, keys=None, steps=5):
@@ -133,10 +149,19 @@ def test_unet_compiled_equals_eager(fresh_dynamo, gpu_like_attention):
     assert_compiled_equals_eager(model, positive, negative, latent, {"pag": layers, "sag": layer, "seg": layers})
 
 
-@pytest.mark.parametrize("family", ["flux", "wan21"])
+# PixArt: its attention reached through object patches on its submodules (tapped_attention), not the override
+@pytest.mark.parametrize("family", ["flux", "wan21", "pixart"])
 def test_dit_compiled_equals_eager(fresh_dynamo, family):
     model, positive, negative, latent, layers, layer = dit_case(family)
     assert_compiled_equals_eager(model, positive, negative, latent, {"pag": layers, "sag": layer, "seg": layers},
+                                 steps=4)
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_uncond_placement_compiled_equals_eager(fresh_dynamo, gpu_like_attention, family):
+    """PAG's and SEG's uncond placement (the sampler's negative perturbed, CFG 1 turning it off)."""
+    model, positive, negative, latent, layers, _ = unet_case() if family == "sd15" else dit_case(family)
+    assert_compiled_equals_eager(model, positive, negative, latent, {"pag_uncond": layers, "seg_uncond": layers},
                                  steps=4)
 
 
