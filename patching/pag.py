@@ -15,10 +15,8 @@ from ..pag_core import (
     rescale_guided, validate_pag_inputs,
 )
 from .dit_attention import DiTAttention
-from .layers import choose_layers
-from .perturbed_copy import PerturbedCopy
-from .perturbed_uncond import Placement, PerturbedUncond
-from .sigma_window import SigmaWindow
+from .perturbed_guidance import apply_perturbed_guidance
+from .perturbed_uncond import Placement
 
 NODE = "Perturbed-Attention Guidance"
 
@@ -50,46 +48,27 @@ def joint_identity(part: DiTAttention) -> torch.Tensor:
                                      scale=part.scale))
 
 
+def identity_self_attention(q, k, v, extra_options, attend) -> torch.Tensor:
+    """UNet rows of the copy: Eq. 13's identity attention."""
+    return identity_attention(q, k, v)
+
+
 def apply_pag(model, settings: PAGSettings):
     """A clone of ``model`` with PAG installed (a plain clone at scale 0)."""
-    chosen = choose_layers(model, node=NODE, input_name="layers", spec=settings.layers, method=Method.PAG,
-                           label="PAG layers")
-    patched = model.clone()
-    if settings.scale == 0.0:
-        return patched
-    window = SigmaWindow(patched, settings.start_percent, settings.end_percent)
 
-    def scale_at(base_model, sigma) -> float:
+    def adaptive_scale(window, base_model, sigma) -> float:
         sampling = base_model.model_sampling
-        if not window.contains(sampling, sigma):
-            return 0.0
-        if settings.adaptive_scale <= 0.0:
-            return settings.scale
         timestep = window.per_step(sigma, "timestep", lambda: float(sampling.timestep(sigma.flatten()[:1])))
         return adaptive_pag_scale(settings.scale, settings.adaptive_scale, timestep)
 
-    label = f"PAG layers '{chosen.resolved}'"
-    perturb_unet = lambda q, k, v, options, attend: identity_attention(q, k, v)  # noqa: E731
-
-    if settings.placement is Placement.UNCOND:
-        # CFG combines the positive with the perturbed negative; the scale only switches (scale_at > 0)
-        finish = (lambda args: rescale_guided(args["denoised"], args["cond_denoised"], settings.rescale)) \
-            if settings.rescale > 0.0 else None
-        PerturbedUncond(model=patched, chosen=chosen, node=NODE, label=label,
-                        active_at=lambda base_model, sigma: scale_at(base_model, sigma) > 0.0,
-                        perturb_unet=perturb_unet, perturb_dit=joint_identity, finish=finish)
-        return patched
-
-    copy = PerturbedCopy(model=patched, chosen=chosen, node=NODE, label=label, scale_at=scale_at,
-                         perturb_unet=perturb_unet, perturb_dit=joint_identity)
-
-    def post_cfg_function(args):
-        step = copy.guidance_step(args)
-        if step is None:
-            return args["denoised"]
-        scale, x0_perturbed = step
+    def combine(args, scale, x0_perturbed):
         guided = pag_guided(args["denoised"], args["cond_denoised"], x0_perturbed, scale)
         return rescale_guided(guided, args["cond_denoised"], settings.rescale)
 
-    patched.set_model_sampler_post_cfg_function(post_cfg_function)
-    return patched
+    finish = (lambda args: rescale_guided(args["denoised"], args["cond_denoised"], settings.rescale)) \
+        if settings.rescale > 0.0 else None
+    return apply_perturbed_guidance(
+        model, node=NODE, method=Method.PAG, name="PAG", layers=settings.layers, scale=settings.scale,
+        start_percent=settings.start_percent, end_percent=settings.end_percent, placement=settings.placement,
+        perturb_unet=lambda label: identity_self_attention, perturb_dit=joint_identity,
+        combine=combine, finish=finish, scale_in_window=adaptive_scale if settings.adaptive_scale > 0.0 else None)

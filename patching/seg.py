@@ -18,10 +18,8 @@ from ..guidance_core.token_grid import token_grid
 from ..pag_core import pag_guided
 from ..seg_core import blur_queries, validate_seg_inputs
 from .dit_attention import DiTAttention
-from .layers import choose_layers
-from .perturbed_copy import PerturbedCopy
-from .perturbed_uncond import Placement, PerturbedUncond
-from .sigma_window import SigmaWindow
+from .perturbed_guidance import apply_perturbed_guidance
+from .perturbed_uncond import Placement
 
 NODE = "Smoothed Energy Guidance"
 
@@ -77,36 +75,13 @@ def smoothed_queries(blur_sigma: float):
 
 def apply_seg(model, settings: SEGSettings):
     """A clone of ``model`` with SEG installed (a plain clone at scale 0)."""
-    chosen = choose_layers(model, node=NODE, input_name="layers", spec=settings.layers, method=Method.SEG,
-                           label="SEG layers")
-    patched = model.clone()
-    if settings.scale == 0.0:
-        return patched
-    window = SigmaWindow(patched, settings.start_percent, settings.end_percent)
 
-    def scale_at(base_model, sigma) -> float:
-        return settings.scale if window.contains(base_model.model_sampling, sigma) else 0.0
-
-    label = f"SEG layers '{chosen.resolved}'"
-    if settings.placement is Placement.UNCOND:
-        # CFG combines the positive with the blurred-query negative; the scale only switches
-        PerturbedUncond(model=patched, chosen=chosen, node=NODE, label=label,
-                        active_at=lambda base_model, sigma: scale_at(base_model, sigma) > 0.0,
-                        perturb_unet=blurred_query_attention(settings.blur_sigma, label),
-                        perturb_dit=smoothed_queries(settings.blur_sigma))
-        return patched
-
-    copy = PerturbedCopy(model=patched, chosen=chosen, node=NODE, label=label, scale_at=scale_at,
-                         perturb_unet=blurred_query_attention(settings.blur_sigma, label),
-                         perturb_dit=smoothed_queries(settings.blur_sigma))
-
-    def post_cfg_function(args):
-        step = copy.guidance_step(args)
-        if step is None:
-            return args["denoised"]
-        scale, x0_blurred = step
+    def combine(args, scale, x0_blurred):
         # SEG-SDXL: eps = eps_cfg + s * (eps_c - eps_seg), PAG's Eq. 14 with the blurred-query prediction
         return pag_guided(args["denoised"], args["cond_denoised"], x0_blurred, scale)
 
-    patched.set_model_sampler_post_cfg_function(post_cfg_function)
-    return patched
+    return apply_perturbed_guidance(
+        model, node=NODE, method=Method.SEG, name="SEG", layers=settings.layers, scale=settings.scale,
+        start_percent=settings.start_percent, end_percent=settings.end_percent, placement=settings.placement,
+        perturb_unet=lambda label: blurred_query_attention(settings.blur_sigma, label),
+        perturb_dit=smoothed_queries(settings.blur_sigma), combine=combine)
