@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import auraflow, cosmos1, cosmos_predict2, flux, hidream, hunyuan_image21, hunyuan_video, hunyuan_video15, ltxv, mochi, nextdit, omnigen2, qwen_image, sd3, unet, wan
+from . import (
+    auraflow, cosmos1, cosmos_predict2, flux, hidream, hunyuan_image21, hunyuan_video, hunyuan_video15, ltxv, mochi, nextdit,
+    omnigen2, qwen_image, sd3, stable_cascade, unet, wan,
+)
 from .family import Family, Layout
 from .refused import REFUSED
 
@@ -18,7 +21,7 @@ from .refused import REFUSED
 FAMILIES: tuple[Family, ...] = (
     unet.FAMILY, sd3.FAMILY, auraflow.FAMILY, flux.FAMILY, qwen_image.FAMILY, nextdit.FAMILY, omnigen2.FAMILY,
     hidream.FAMILY, hunyuan_image21.FAMILY, wan.FAMILY, hunyuan_video.FAMILY, hunyuan_video15.FAMILY, ltxv.FAMILY,
-    mochi.FAMILY, cosmos1.FAMILY, cosmos_predict2.FAMILY,
+    mochi.FAMILY, cosmos1.FAMILY, cosmos_predict2.FAMILY, stable_cascade.FAMILY,
 )
 
 SUPPORTED_MODELS = "; ".join(family.models for family in FAMILIES)

@@ -16,10 +16,4 @@ REFUSED: dict[str, str] = {
     "HunyuanDiT1": _NO_OPTIONS,
     "PixArtAlpha": _NO_OPTIONS + " (its blocks are not handed transformer_options)",
     "PixArtSigma": _NO_OPTIONS + " (its blocks are not handed transformer_options)",
-    "Stable_Cascade_C": "its attention blocks attend from the image tokens to the image and text tokens together, at "
-                        "several resolutions, with no block marked by the host; the nodes do not model that attention "
-                        "yet",
-    "Stable_Cascade_B": "its attention blocks attend from the image tokens to the image and text tokens together, at "
-                        "several resolutions, with no block marked by the host; the nodes do not model that attention "
-                        "yet",
 }
