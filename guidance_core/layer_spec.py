@@ -298,12 +298,12 @@ class AttentionLayout(DefaultLayers):
 #           U-shaped model, whose module lists interleave them with other modules (``BlockKind.module_indices``)
 #
 # Accepted entries: a short name (``double.7``, ``down.1.3``), a range of one kind (``single.0-9``,
-# ``up.1.0-3``), a kind alone (every block of it; ``down`` / ``up`` alone: every level's), or a module path matched on whole dot-separated components of the host or
-# diffusers name, as for UNets (``transformer_blocks.13``, ``joint_blocks.13``,
-# ``single_transformer_blocks.20.attn``). diffusers' docs and PAG defaults write ``blocks.13``: a
-# path may start with ``blocks``, which stands for any ``*_blocks`` component, so where a model has two
-# kinds it names the block of that index of each, as diffusers' regex search would (without its
-# ``blocks.1`` also taking ``blocks.10``-``19``).
+# ``up.1.0-3``), a kind alone (every block of it; ``down`` / ``up`` alone: every level's), or a module
+# path matched on whole dot-separated components of the host or diffusers name, as for UNets
+# (``transformer_blocks.13``, ``joint_blocks.13``, ``single_transformer_blocks.20.attn``). diffusers' docs
+# and PAG defaults write ``blocks.13``: a path may start with ``blocks``, which stands for any ``*_blocks``
+# component, so where a model has two kinds it names the block of that index of each, as diffusers' regex
+# search would (without its ``blocks.1`` also taking ``blocks.10``-``19``).
 
 BLOCK_KINDS = ("joint", "double", "single", "block")
 LEVEL_KINDS = ("down", "up")  # named with their level: "down.0", "up.2"
@@ -336,10 +336,8 @@ class BlockKind:
             raise ValueError(f"block kind {self.name!r} is not one of {BLOCK_KINDS} nor a level of {LEVEL_KINDS} "
                              "('down.0', 'up.2')")
         if self.module_indices is not None and len(self.module_indices) != self.count:
-            raise ValueError(f"block kind {self.name!r}: {len(self.module_indices)} module indices for {self.count} blocks")
-
-    def module_index(self, index: int) -> int:
-        return index if self.module_indices is None else self.module_indices[index]
+            raise ValueError(f"block kind {self.name!r}: {len(self.module_indices)} module indices for {self.count} "
+                             "blocks")
 
     @property
     def module_range(self) -> str:
@@ -413,7 +411,7 @@ class DiTLayout(DefaultLayers):
         self.sites: list[DiTBlock] = [
             DiTBlock(kind.name, i, host_path=kind.host_path, diffusers_path=kind.diffusers_path,
                      diffusers_attention=kind.diffusers_attention, host_index_prefix=kind.host_index_prefix,
-                     module_index=None if kind.module_indices is None else kind.module_index(i))
+                     module_index=None if kind.module_indices is None else kind.module_indices[i])
             for kind in self.kinds for i in range(kind.count)
         ]
         self.defaults = dict(defaults) if defaults is not None else middle_block_defaults(self.kinds)

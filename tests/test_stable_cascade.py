@@ -180,7 +180,8 @@ def test_every_block_name_is_a_module_of_the_host_and_of_diffusers(which):
             assert layout.select(spelling) == [block]
     # the docs' layout of the same checkpoint, from its configuration, names the same modules
     (known,) = [known for known in recognised.family.known_models if known.name == FULL_SIZE[which][4]]
-    assert [(b.index_name, b.host_name) for b in known.layout().sites] == [(b.index_name, b.host_name) for b in layout.sites]
+    names = [(block.index_name, block.host_name) for block in layout.sites]
+    assert [(block.index_name, block.host_name) for block in known.layout().sites] == names
 
 
 @pytest.mark.parametrize("which", FULL_SIZE)

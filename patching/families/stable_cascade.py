@@ -76,8 +76,9 @@ def config_layout(config_name: str, level_config: list[str], blocks: list[list[i
     """The layout of the host's constructor arguments (``level_config``, ``blocks``: repeats per level on the down
     path, then on the up path deepest level first)."""
     up_repeats = blocks[1][::-1]
-    return layout(config_name, [attention_positions(level_config[level], blocks[0][level]) for level in range(len(level_config))],
-                  [attention_positions(level_config[level], up_repeats[level]) for level in range(len(level_config))])
+    levels = range(len(level_config))
+    return layout(config_name, [attention_positions(level_config[level], blocks[0][level]) for level in levels],
+                  [attention_positions(level_config[level], up_repeats[level]) for level in levels])
 
 
 def _self_attention_positions(module_list) -> tuple[int, ...]:
