@@ -293,17 +293,23 @@ class AttentionLayout(DefaultLayers):
 #   single  single-stream blocks over one joint sequence
 #   block   a video DiT's block: a video-only self-attention (attn1), then a cross-attention to the
 #           text (attn2), which guidance leaves alone
+#   down.L, up.L
+#           the attention blocks of resolution level L (0 = the finest) on the down or the up path of a
+#           U-shaped model, whose module lists interleave them with other modules (``BlockKind.module_indices``)
 #
-# Accepted entries: a short name (``double.7``), a range of one kind (``single.0-9``), a kind alone
-# (every block of it), or a module path matched on whole dot-separated components of the host or
-# diffusers name, as for UNets (``transformer_blocks.13``, ``joint_blocks.13``,
-# ``single_transformer_blocks.20.attn``). diffusers' docs and PAG defaults write ``blocks.13``: a
-# path may start with ``blocks``, which stands for any ``*_blocks`` component, so where a model has two
-# kinds it names the block of that index of each, as diffusers' regex search would (without its
-# ``blocks.1`` also taking ``blocks.10``-``19``).
+# Accepted entries: a short name (``double.7``, ``down.1.3``), a range of one kind (``single.0-9``,
+# ``up.1.0-3``), a kind alone (every block of it; ``down`` / ``up`` alone: every level's), or a module
+# path matched on whole dot-separated components of the host or diffusers name, as for UNets
+# (``transformer_blocks.13``, ``joint_blocks.13``, ``single_transformer_blocks.20.attn``). diffusers' docs
+# and PAG defaults write ``blocks.13``: a path may start with ``blocks``, which stands for any ``*_blocks``
+# component, so where a model has two kinds it names the block of that index of each, as diffusers' regex
+# search would (without its ``blocks.1`` also taking ``blocks.10``-``19``).
 
 BLOCK_KINDS = ("joint", "double", "single", "block")
+LEVEL_KINDS = ("down", "up")  # named with their level: "down.0", "up.2"
 _DIT_SHORT_RE = re.compile(r"^(joint|double|single|block)(?:\.(\d+)(?:-(\d+))?)?$")
+_LEVEL_SHORT_RE = re.compile(r"^(down|up)(?:\.(\d+)(?:\.(\d+)(?:-(\d+))?)?)?$")
+_LEVEL_KIND_RE = re.compile(r"^(down|up)\.\d+$")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -321,10 +327,30 @@ class BlockKind:
     # what precedes the index in the host's module name: "block" where the host names its blocks "block0", ...
     # in a ModuleDict (``blocks.block0``)
     host_index_prefix: str = ""
+    # where block i sits in the module list (the host's and diffusers'), where other modules come between the
+    # blocks; None: block i is module i
+    module_indices: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        if self.name not in BLOCK_KINDS:
-            raise ValueError(f"block kind {self.name!r} is not one of {BLOCK_KINDS}")
+        if self.name not in BLOCK_KINDS and not _LEVEL_KIND_RE.match(self.name):
+            raise ValueError(f"block kind {self.name!r} is not one of {BLOCK_KINDS} nor a level of {LEVEL_KINDS} "
+                             "('down.0', 'up.2')")
+        if self.module_indices is not None and len(self.module_indices) != self.count:
+            raise ValueError(f"block kind {self.name!r}: {len(self.module_indices)} module indices for {self.count} "
+                             "blocks")
+
+    @property
+    def module_range(self) -> str:
+        """The kind's modules in its module list, for messages: '0-23', or '2, 5, ..., 23' where other modules
+        come between them."""
+        if self.count == 0:
+            return ""
+        if self.module_indices is None:
+            return "0" if self.count == 1 else f"0-{self.count - 1}"
+        indices = self.module_indices
+        if len(indices) <= 3:
+            return ", ".join(str(i) for i in indices)
+        return f"{indices[0]}, {indices[1]}, ..., {indices[-1]}"
 
 
 @dataclass(frozen=True)
@@ -338,18 +364,25 @@ class DiTBlock:
     diffusers_path: str = field(compare=False, kw_only=True)
     diffusers_attention: str = field(default="attn", compare=False, kw_only=True)
     host_index_prefix: str = field(default="", compare=False, kw_only=True)
+    # the block's place in its module list where that is not ``index`` (``BlockKind.module_indices``)
+    module_index: int | None = field(default=None, compare=False, kw_only=True)
 
     @property
     def index_name(self) -> str:
         return f"{self.kind}.{self.index}"
 
     @property
+    def module_position(self) -> int:
+        """Where the block sits in its module list."""
+        return self.index if self.module_index is None else self.module_index
+
+    @property
     def host_name(self) -> str:
-        return f"{self.host_path}.{self.host_index_prefix}{self.index}"
+        return f"{self.host_path}.{self.host_index_prefix}{self.module_position}"
 
     @property
     def diffusers_name(self) -> str:
-        return f"{self.diffusers_path}.{self.index}.{self.diffusers_attention}"
+        return f"{self.diffusers_path}.{self.module_position}.{self.diffusers_attention}"
 
 
 def middle_block_defaults(kinds: Sequence[BlockKind]) -> dict[Method, LayerDefault]:
@@ -377,7 +410,8 @@ class DiTLayout(DefaultLayers):
         self.diffusers_paths = {kind.name: kind.diffusers_path for kind in self.kinds}
         self.sites: list[DiTBlock] = [
             DiTBlock(kind.name, i, host_path=kind.host_path, diffusers_path=kind.diffusers_path,
-                     diffusers_attention=kind.diffusers_attention, host_index_prefix=kind.host_index_prefix)
+                     diffusers_attention=kind.diffusers_attention, host_index_prefix=kind.host_index_prefix,
+                     module_index=None if kind.module_indices is None else kind.module_indices[i])
             for kind in self.kinds for i in range(kind.count)
         ]
         self.defaults = dict(defaults) if defaults is not None else middle_block_defaults(self.kinds)
@@ -389,7 +423,11 @@ class DiTLayout(DefaultLayers):
             if kind.count == 0:
                 continue
             indices = "0" if kind.count == 1 else f"0-{kind.count - 1}"
-            line = f"  {kind.name}.{indices} = {kind.diffusers_path}.{indices} (host {kind.host_path}.{kind.host_index_prefix}{indices})"
+            modules = kind.module_range
+            if kind.module_indices is not None:
+                modules = f"{{{modules}}}"
+            line = (f"  {kind.name}.{indices} = {kind.diffusers_path}.{modules} "
+                    f"(host {kind.host_path}.{kind.host_index_prefix}{modules})")
             if kind.note:
                 line += f"; {kind.note}"
             lines.append(line)
@@ -424,13 +462,22 @@ class DiTLayout(DefaultLayers):
                 return [s for s in self.sites if s.kind == kind]
             indices = range(int(first), int(last if last is not None else first) + 1)
             return [s for s in self.sites if s.kind == kind and s.index in indices]
+        if m := _LEVEL_SHORT_RE.match(text):
+            path, level, first, last = m.groups()
+            if level is None:
+                return [s for s in self.sites if s.kind.startswith(f"{path}.")]
+            kind = f"{path}.{level}"
+            if first is None:
+                return [s for s in self.sites if s.kind == kind]
+            indices = range(int(first), int(last if last is not None else first) + 1)
+            return [s for s in self.sites if s.kind == kind and s.index in indices]
         if _PATH_RE.match(text):
             components = text.split(".")
             return [s for s in self.sites if self._path_matches(s, components)]
         block, blocks = self._examples()
         raise LayerSpecError(
             f"Cannot read layer '{entry}'. Write a block such as '{block}', a range such as '{blocks}', or a "
-            f"diffusers / host path such as '{self.diffusers_paths[self.sites[0].kind]}.{self.sites[0].index}'. "
+            f"diffusers / host path such as '{self.diffusers_paths[self.sites[0].kind]}.{self.sites[0].module_position}'. "
             f"This {self.family} model has:\n{self.describe()}"
         )
 

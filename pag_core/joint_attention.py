@@ -17,6 +17,10 @@ Here the sequence is text first, the order most of the host's DiTs use (``cat(te
 permutation-equivariant, so the order does not change any token's result, and a sequence ``[image, text]``
 is rotated to text first and back (``joint_identity_attention_text_last``). The image rows
 are computed from the 1 + T scores they have, in chunks of queries, never from an L x L mask.
+
+Where only the image tokens query and the keys are ``cat(image, text)`` (an attention that appends the text to
+the image's own keys and values), the perturbed rows are those image rows alone
+(``image_query_identity_attention``).
 """
 from __future__ import annotations
 
@@ -75,25 +79,59 @@ def joint_identity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if text_tokens == length:
         return out
 
-    k_text = k[:, :, :text_tokens].float()
-    v_text = v[:, :, :text_tokens].float()
+    _identity_rows(q, k, v, range(text_tokens, length), slice(0, text_tokens), mask, scale, query_chunk, out)
+    return out
+
+
+def _identity_rows(q, k, v, rows: range, text: slice, mask, scale: float, query_chunk: int | None,
+                   out: torch.Tensor) -> None:
+    """PAG's perturbed image rows into ``out``: query ``i`` of ``rows`` attends to its own key ``i`` and to the text
+    keys ``text``, with the call's additive ``mask`` (``[..., queries or 1, keys]``) added to those scores."""
+    batch, heads = q.shape[:2]
+    text_tokens = text.stop - text.start
+    k_text = k[:, :, text].float()
+    v_text = v[:, :, text].float()
     if query_chunk is None:
         query_chunk = max(1, DEFAULT_CHUNK_BYTES // max(1, batch * heads * (text_tokens + 1) * 4))
-    for start in range(text_tokens, length, query_chunk):
-        stop = min(length, start + query_chunk)
+    for start in range(rows.start, rows.stop, query_chunk):
+        stop = min(rows.stop, start + query_chunk)
         q_image = q[:, :, start:stop].float()
         own = (q_image * k[:, :, start:stop].float()).sum(-1, keepdim=True) * scale
         to_text = torch.matmul(q_image, k_text.transpose(-1, -2)) * scale
         if mask is not None and mask.shape[-2] == 1:  # one row for every query: a key mask (text padding)
             own = own + mask[..., 0, start:stop].float().unsqueeze(-1)
-            to_text = to_text + mask[..., :text_tokens].float()
+            to_text = to_text + mask[..., text].float()
         elif mask is not None:
-            rows = mask[..., start:stop, :].float()
-            own = own + torch.diagonal(rows[..., start:stop], dim1=-2, dim2=-1).unsqueeze(-1)
-            to_text = to_text + rows[..., :text_tokens]
+            mask_rows = mask[..., start:stop, :].float()
+            own = own + torch.diagonal(mask_rows[..., start:stop], dim1=-2, dim2=-1).unsqueeze(-1)
+            to_text = to_text + mask_rows[..., text]
         probs = torch.cat([own, to_text], dim=-1).softmax(dim=-1)
         image_out = probs[..., :1] * v[:, :, start:stop].float() + torch.matmul(probs[..., 1:], v_text)
         out[:, :, start:stop] = image_out.to(q.dtype)
+
+
+def image_query_identity_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None,
+                                   query_chunk: int | None = None, scale: float | None = None) -> torch.Tensor:
+    """PAG's perturbed attention where only the image tokens query: ``q`` holds the ``N`` image tokens, ``k`` and
+    ``v`` the same ``N`` tokens followed by the text's (``cat(image, text)``). It is the image rows of
+    ``joint_identity_attention`` over that sequence: each image query attends to its own key and to the text
+    keys, never to another image token (with no text: the paper's identity, every token keeps its value).
+
+    Args:
+        q: ``[B, heads, N, D]``; k, v: ``[B, heads, N + T, D]`` (``v`` may have its own ``D``).
+        mask: the call's own attention mask, if any (``[..., N or 1, N + T]``, see ``additive_mask``).
+        query_chunk, scale: as in ``joint_identity_attention``.
+
+    Returns:
+        ``[B, heads, N, Dv]`` in ``q``'s dtype.
+    """
+    batch, heads, length, dim = q.shape
+    if k.shape[2] < length:
+        raise ValueError(f"{k.shape[2]} keys cannot begin with the {length} image queries' own tokens.")
+    scale = dim ** -0.5 if scale is None else scale
+    out = torch.empty(batch, heads, length, v.shape[-1], dtype=q.dtype, device=q.device)
+    _identity_rows(q, k, v, range(0, length), slice(length, k.shape[2]), additive_mask(mask, q), scale, query_chunk,
+                   out)
     return out
 
 

@@ -19,7 +19,7 @@ import torch
 from ..guidance_core.layer_spec import DiTBlock
 from ..guidance_core.rows import chunk_rows, split_by_chunk
 from .compiled_model import keep_apart_when_compiled, outside_compiled
-from .dit_reach import DiTReach, JointBlockMark, VideoBlockMark
+from .dit_reach import DiTReach, GridBlockMark, JointBlockMark, VideoBlockMark
 from .options import GUIDANCE_OPTIONS, LATENT_FRAMES, LATENT_HW, chunk_ids, guidance_options, options_for_chunks
 from .run_state import WRAPPER_KEY
 
@@ -53,11 +53,13 @@ class DiTAttention:
     ``q``, ``k``, ``v`` are in the caller's layout (``[B, L, heads * D]``, or ``[B, heads, L, D]`` where the
     caller passed ``skip_reshape``); ``q_heads()`` etc. give ``[B, heads, L, D]``. ``chunks`` is the host's
     ``cond_or_uncond`` for these rows. ``joint`` is False only for a block's image-only self-attention; text
-    tokens come first, except where the family's token order puts the image first.
+    tokens come first, except where the family's token order puts the image first. Where only the image's tokens
+    query (``image_queries``), ``q`` holds them alone and ``k``, ``v`` the same tokens followed by the text's;
+    ``grid`` is then the token grid measured at the block.
     """
 
     def __init__(self, previous, func, values: dict, positional: int, *, block: DiTBlock, model: DiTModel,
-                 text_tokens: int | None, joint: bool):
+                 text_tokens: int | None, joint: bool, grid: tuple[int, ...] | None = None):
         self._previous = previous
         self._func = func
         self._values = values
@@ -66,10 +68,11 @@ class DiTAttention:
         self.model = model
         self._text_tokens = text_tokens
         self.joint = joint
+        self._grid = grid
 
     def _with(self, **changes) -> "DiTAttention":
         fields = {"values": self._values, "block": self.block, "model": self.model, "text_tokens": self._text_tokens,
-                  "joint": self.joint, **changes}
+                  "joint": self.joint, "grid": self._grid, **changes}
         values = fields.pop("values")
         return DiTAttention(self._previous, self._func, values, self._positional, **fields)
 
@@ -104,6 +107,11 @@ class DiTAttention:
         return self.model.reach.image_first
 
     @property
+    def image_queries(self) -> bool:
+        """True where the queries are the image's tokens alone and the keys those tokens, then the text."""
+        return self.model.reach.image_queries
+
+    @property
     def options(self) -> dict:
         """The call's transformer_options."""
         return self._values.get("transformer_options") or {}
@@ -134,7 +142,8 @@ class DiTAttention:
     def image_tokens_of_grid(self) -> slice:
         """Where the generated image's grid tokens are in the sequence: right after the text (reference latents
         follow the image), at the end of the image part where the image comes first (reference latents come
-        before it), or all of a video block's tokens."""
+        before it), all of a video block's tokens, or all the queries (and as many keys) where only the image
+        queries."""
         grid = self.image_grid()
         count = math.prod(grid)
         if self.image_first:
@@ -153,7 +162,9 @@ class DiTAttention:
 
     def image_grid(self) -> tuple[int, ...]:
         """``(h, w)`` token grid of the generated image, ``(frames, h, w)`` on a video DiT (see
-        ``image_tokens_of_grid``)."""
+        ``image_tokens_of_grid``); the grid measured at the block where the family's blocks have their own."""
+        if self._grid is not None:
+            return self._grid
         ours = guidance_options(self.options)
         latent_hw = ours.get(LATENT_HW)
         if latent_hw is None:
@@ -281,6 +292,11 @@ def install_dit_handler(model, dit: DiTModel, blocks: list[DiTBlock], handler: H
                     return previous(func, *args, **kwargs)
                 mark.self_attention_done = True
                 return handler(call)
+            if isinstance(mark, GridBlockMark):
+                # the block's attention: as many queries as its input has pixels, keys those and then the text
+                if call.length != math.prod(mark.grid) or call.key_length < call.length:
+                    return previous(func, *args, **kwargs)
+                return handler(call._with(text_tokens=0, grid=mark.grid))
             if isinstance(mark, JointBlockMark) and call.length != mark.text_tokens + mark.image_tokens:
                 if call.length != mark.image_tokens:
                     return previous(func, *args, **kwargs)  # not one of the block's self-attentions
@@ -299,11 +315,14 @@ def install_dit_handler(model, dit: DiTModel, blocks: list[DiTBlock], handler: H
 
 def patch_size_of(diffusion_model):
     """The model's patch size: an int, or one per latent axis (video DiTs; a patchifier's where the model has one;
-    ``(patch_temporal, patch_spatial, patch_spatial)`` where the model names its two patch sizes so)."""
+    ``(patch_temporal, patch_spatial, patch_spatial)`` where the model names its two patch sizes so; None where it
+    says none, as a model whose blocks' grids are measured)."""
     size = getattr(diffusion_model, "patch_size", None)
     if size is None and hasattr(diffusion_model, "patchifier"):
         size = diffusion_model.patchifier.patch_size
     if size is None and hasattr(diffusion_model, "patch_spatial") and hasattr(diffusion_model, "patch_temporal"):
         spatial = int(diffusion_model.patch_spatial)
         size = (int(diffusion_model.patch_temporal), spatial, spatial)
+    if size is None:
+        return None
     return tuple(int(p) for p in size) if isinstance(size, (tuple, list)) else int(size)

@@ -4,7 +4,7 @@ The host (0.3.75, comfy/ldm/modules/attention.py ``wrap_attn``) calls
 ``transformer_options["optimized_attention_override"](func, *args, **kwargs)`` wherever a model hands
 transformer_options to ``optimized_attention`` (``dit_attention`` installs ours). What an attention call
 does not say is which block it comes from and where its text and image tokens lie. Each family reaches its
-blocks in one of seven ways (``DiTReach``, chosen in the family's registry module):
+blocks in one of eight ways (``DiTReach``, chosen in the family's registry module):
 
 - ``host_block_marks``: the model sets ``transformer_options["block_type"]`` ("double" / "single") and
   ``["block_index"]`` before each block and offers ``("double_block", i)`` block replacements. The text
@@ -30,6 +30,10 @@ blocks in one of seven ways (``DiTReach``, chosen in the family's registry modul
 - ``tapped_attention``: the attention is called without transformer_options, so no override reaches it: object
   patches on the chosen blocks' self-attention module read its queries, keys and values at its submodules and
   hand the input of its output projection the guided attention (``tapped_attention.py``).
+- ``grid_object_patch_marks``: no block index and no block replacement, blocks at several resolutions on a
+  ``[B, C, H, W]`` feature map whose attention takes the map's tokens as queries and ``cat(those tokens, text)`` as
+  keys and values: an object patch on each chosen block's ``forward`` marks it with its input's ``(H, W)``, the
+  token grid of its attention.
 
 Where a module runs without transformer_options, the forward's own come from a context variable set by an
 object patch on the diffusion model's ``forward`` (``record_forward_options``).
@@ -48,7 +52,7 @@ from ..guidance_core.layer_spec import DiTBlock
 from ..guidance_core.token_grid import patch_grid
 from .compiled_model import outside_compiled
 from .options import (
-    GUIDANCE_OPTIONS, IMAGE_STREAM, JOINT_BLOCK, MARKED_BLOCK, TEXT_TOKENS, VIDEO_BLOCK, forward_options,
+    GRID_BLOCK, GUIDANCE_OPTIONS, IMAGE_STREAM, JOINT_BLOCK, MARKED_BLOCK, TEXT_TOKENS, VIDEO_BLOCK, forward_options,
     guidance_options, running_forward,
 )
 
@@ -60,6 +64,7 @@ class TokenOrder(enum.Enum):
     IMAGE_FIRST = "image, then text"
     VIDEO_ONLY = "video tokens only (the text comes in a separate cross-attention)"
     IMAGE_ONLY = "image tokens only (the text comes in a separate cross-attention)"
+    IMAGE_QUERIES = "the image's tokens query; keys and values: the image's tokens, then the text's"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +86,15 @@ class JointBlockMark:
     block: DiTBlock
     text_tokens: int
     image_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GridBlockMark:
+    """A chosen block running now, with the ``(h, w)`` grid of the feature map it was given: its attention's
+    queries are that grid's tokens (row-major), its keys the same tokens followed by the text."""
+
+    block: DiTBlock
+    grid: tuple[int, int]
 
 
 class VideoBlockMark:
@@ -128,6 +142,10 @@ class DiTReach:
     def no_text(self) -> bool:
         """The guided attention is over the image's or video's own tokens only."""
         return self.token_order in (TokenOrder.VIDEO_ONLY, TokenOrder.IMAGE_ONLY)
+
+    @property
+    def image_queries(self) -> bool:
+        return self.token_order is TokenOrder.IMAGE_QUERIES
 
 
 # the host's block replacements and object patches -------------------------------------------------------
@@ -483,3 +501,49 @@ def tapped_attention(taps: AttentionTaps, *, token_grid=patch_grid) -> DiTReach:
                     "the guided attention", locate=lambda options: NOT_LOCATED, install=_install_nothing,
                     token_order=TokenOrder.IMAGE_ONLY, token_grid=token_grid, text_length_site="each chosen block",
                     taps=taps)
+
+
+# grid_object_patch_marks -------------------------------------------------------------------------------------
+def _locate_grid(options: dict) -> Located:
+    mark = guidance_options(options).get(GRID_BLOCK)
+    return Located(mark.block, 0, mark) if mark is not None else NOT_LOCATED
+
+
+def _mark_grid_block(block: DiTBlock):
+    """Run the block with its transformer_options carrying a ``GridBlockMark`` of its input's ``(H, W)``; in place,
+    as ``_mark_block``, and taken off when the block returns."""
+
+    def run(previous, args, kwargs):
+        options = kwargs.get("transformer_options")
+        feature_map = args[0] if args else kwargs.get("x")
+        if options is None or feature_map is None or feature_map.ndim != 4:
+            return previous(*args, **kwargs)
+        mark = GridBlockMark(block, (int(feature_map.shape[-2]), int(feature_map.shape[-1])))
+        options[GUIDANCE_OPTIONS] = {**options.get(GUIDANCE_OPTIONS, {}), GRID_BLOCK: mark}
+        try:
+            return previous(*args, **kwargs)
+        finally:
+            options[GUIDANCE_OPTIONS] = {k: v for k, v in options[GUIDANCE_OPTIONS].items() if k != GRID_BLOCK}
+
+    return run
+
+
+def measured_grid(latent_size, patch_size) -> tuple[int, ...]:
+    """each chosen block's own (h, w), measured at its input (every level of the model has its own resolution)"""
+    raise RuntimeError("Attention guidance: this model's token grids are measured at each chosen block, not derived "
+                       "from the latent.")
+
+
+def grid_object_patch_marks() -> DiTReach:
+    """Object patches on each chosen block's ``forward`` (which must take a ``[B, C, H, W]`` feature map first and
+    transformer_options as a keyword) that mark it with the map's ``(H, W)``; its attention calls whose queries are
+    that many tokens are guided, their keys being those tokens followed by the text."""
+
+    def install(model, blocks) -> None:
+        for block in blocks:
+            patch_block_forward(model, block.host_name, _mark_grid_block(block))
+
+    return DiTReach(mechanism="object patches on each chosen block's forward mark it with its input's (h, w) grid; "
+                    "its attention's queries are that grid's tokens, its keys those tokens and then the text",
+                    locate=_locate_grid, install=install, token_order=TokenOrder.IMAGE_QUERIES,
+                    token_grid=measured_grid, text_length_site="each chosen block")

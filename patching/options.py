@@ -38,6 +38,7 @@ TEXT_TOKENS = "dit_text_tokens"  # text tokens of this forward, measured at the 
 MARKED_BLOCK = "dit_block"  # the chosen block running now (a DiTBlock), set by our object patch
 IMAGE_STREAM = "dit_image_stream"  # image-stream tokens of this forward (with padding), set by our object patch
 VIDEO_BLOCK = "dit_video_block"  # the video block running now (a VideoBlockMark), set by our block replacement
+GRID_BLOCK = "dit_grid_block"  # the block running now and its input's grid (a GridBlockMark), set by our object patch
 
 
 def guidance_options(options: dict) -> dict:

@@ -11,8 +11,8 @@ import torch
 from ..guidance_core.layer_spec import Method
 from ..guidance_core.schedule import validate_percent_window
 from ..pag_core import (
-    adaptive_pag_scale, identity_attention, joint_identity_attention, joint_identity_attention_text_last, pag_guided,
-    rescale_guided, validate_pag_inputs,
+    adaptive_pag_scale, identity_attention, image_query_identity_attention, joint_identity_attention,
+    joint_identity_attention_text_last, pag_guided, rescale_guided, validate_pag_inputs,
 )
 from .dit_attention import DiTAttention
 from .perturbed_guidance import apply_perturbed_guidance
@@ -42,7 +42,11 @@ class PAGSettings:
 
 def joint_identity(part: DiTAttention) -> torch.Tensor:
     """DiT rows of the copy: diffusers' joint-attention PAG (each image token attends to itself and the text, text
-    tokens to everything; ``joint_identity_attention``), in the family's token order."""
+    tokens to everything; ``joint_identity_attention``), in the family's token order; where only the image queries,
+    its rows of that (``image_query_identity_attention``)."""
+    if part.image_queries:
+        return part.from_heads(image_query_identity_attention(part.q_heads(), part.k_heads(), part.v_heads(), part.mask,
+                                                              scale=part.scale))
     attention = joint_identity_attention_text_last if part.image_first else joint_identity_attention
     return part.from_heads(attention(part.q_heads(), part.k_heads(), part.v_heads(), part.text_tokens, part.mask,
                                      scale=part.scale))

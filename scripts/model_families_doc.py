@@ -33,7 +33,8 @@ that names the model and lists these families.
 
 Layer names: a UNet's layers use the index, diffusers and host spellings of the
 [layer specs](how-it-works.md); a DiT's blocks are named `<kind>.<index>` (a range `double.7-9`, a whole kind
-`single`), or by the diffusers or host module path shown below. `auto` is the family's default for each method,
+`single`; Stable Cascade's with their level, `down.1.23`, `up.1.0-3`), or by the diffusers or host module path shown
+below. `auto` is the family's default for each method,
 logged at the first guided step; SEG uses PAG's. Where a default comes from a model of another depth, the same
 number of blocks is placed at the same relative depth. None of the defaults is tuned on real weights: they are
 documented starting points that guide.
@@ -90,8 +91,9 @@ def render() -> str:
                 lines += ["| blocks | diffusers | host |", "|---|---|---|"]
                 for kind in layout.kinds:
                     last = kind.count - 1
-                    lines.append(f"| `{kind.name}.0-{last}` | `{kind.diffusers_path}.0-{last}.{kind.diffusers_attention}` | "
-                                 f"`{kind.host_path}.{kind.host_index_prefix}0-{last}`{'; ' + _cell(kind.note) if kind.note else ''} |")
+                    modules = f"0-{last}" if kind.module_indices is None else f"{{{kind.module_range}}}"
+                    lines.append(f"| `{kind.name}.0-{last}` | `{kind.diffusers_path}.{modules}.{kind.diffusers_attention}` | "
+                                 f"`{kind.host_path}.{kind.host_index_prefix}{modules}`{'; ' + _cell(kind.note) if kind.note else ''} |")
                 lines.append("")
             lines += ["| method | `auto` | source |", "|---|---|---|"]
             for method in (Method.PAG, Method.SAG):

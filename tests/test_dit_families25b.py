@@ -485,7 +485,6 @@ REFUSED = {  # the host's config, its unet_config and what the refusal must say
     "HunyuanDiT": ({"image_model": "hydit"}, "called without transformer_options"),
     "PixArtSigma": ({"image_model": "pixart_sigma"}, "called without transformer_options"),
     "PixArtAlpha": ({"image_model": "pixart_alpha"}, "called without transformer_options"),
-    "Stable_Cascade_C": ({"stable_cascade_stage": "c"}, "image and text tokens together"),
 }
 
 
@@ -500,4 +499,4 @@ def test_the_types_left_out_are_refused_saying_why(config_name):
         recognise(patcher, "Perturbed-Attention Guidance")
     message = str(error.value)
     assert config_name in message and "nothing" in message and why in message
-    assert all(name in message for name in ("AuraFlow", "OmniGen2", "Mochi", "Cosmos 1", "Animate"))
+    assert all(name in message for name in ("AuraFlow", "OmniGen2", "Mochi", "Cosmos 1", "Animate", "Stable Cascade"))

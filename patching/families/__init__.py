@@ -12,7 +12,7 @@ import dataclasses
 
 from . import (
     auraflow, cosmos1, cosmos_predict2, flux, hidream, hunyuan_dit, hunyuan_image21, hunyuan_video, hunyuan_video15, ltxv,
-    mochi, nextdit, omnigen2, pixart, qwen_image, sd3, unet, wan, wan_s2v,
+    mochi, nextdit, omnigen2, pixart, qwen_image, sd3, stable_cascade, unet, wan, wan_s2v,
 )
 from .family import Family, Layout
 from .refused import REFUSED
@@ -22,6 +22,7 @@ FAMILIES: tuple[Family, ...] = (
     unet.FAMILY, sd3.FAMILY, auraflow.FAMILY, pixart.FAMILY, hunyuan_dit.FAMILY, flux.FAMILY, qwen_image.FAMILY,
     nextdit.FAMILY, omnigen2.FAMILY, hidream.FAMILY, hunyuan_image21.FAMILY, wan.FAMILY, wan_s2v.FAMILY,
     hunyuan_video.FAMILY, hunyuan_video15.FAMILY, ltxv.FAMILY, mochi.FAMILY, cosmos1.FAMILY, cosmos_predict2.FAMILY,
+    stable_cascade.FAMILY,
 )
 
 SUPPORTED_MODELS = "; ".join(family.models for family in FAMILIES)

@@ -1,16 +1,16 @@
-"""The host's image and video model types the nodes refuse, and why (0.3.75), for their error message.
-
-Each is refused because no attention override can reach its self-attention, or because the pack's handlers do not
-model the attention it has; every other model the registry does not recognise gets the general refusal.
+"""The host's model types the nodes refuse with a reason of their own (0.3.75), for their error message: those that
+make audio or 3-D shapes. Every other model the registry does not recognise gets the general refusal.
 """
 from __future__ import annotations
 
+_NOT_IMAGES = ("it makes audio or 3-D shapes, not images or video: the nodes' perturbations (and SAG's and SEG's "
+               "token grids) are defined on an image's or a video's tokens")
+
 # the host's model config name -> why the nodes cannot guide it
 REFUSED: dict[str, str] = {
-    "Stable_Cascade_C": "its attention blocks attend from the image tokens to the image and text tokens together, at "
-                        "several resolutions, with no block marked by the host; the nodes do not model that attention "
-                        "yet",
-    "Stable_Cascade_B": "its attention blocks attend from the image tokens to the image and text tokens together, at "
-                        "several resolutions, with no block marked by the host; the nodes do not model that attention "
-                        "yet",
+    "StableAudio": _NOT_IMAGES,
+    "ACEStep": _NOT_IMAGES,
+    "Hunyuan3Dv2": _NOT_IMAGES,
+    "Hunyuan3Dv2mini": _NOT_IMAGES,
+    "Hunyuan3Dv2_1": _NOT_IMAGES,
 }

@@ -48,6 +48,15 @@ Families (see ``DIT_CONFIGS``):
 - ``cosmos1`` / ``cosmos1_i2v``: ``comfy.supported_models.CosmosT2V`` / ``CosmosI2V`` + ``comfy.model_base.CosmosVideo``
   (GeneralDIT) with the 7B model's real 28 blocks ("FA-CA-MLP", tokens as ``[T, H, W, B, C]``), on
   ``VIDEO_FRAMES`` latent frames.
+- ``stable_cascade_c``: ``comfy.supported_models.Stable_Cascade_C`` + ``comfy.model_base.StableCascade_C`` (StageC)
+  with the 3.6B prior's real levels and block counts (two "CTA" levels of 8 / 24 repeats down, 24 / 8 up, both at
+  the latent's resolution) at 32 channels and 2 heads; its conditioning is the CLIP text tokens, the pooled text
+  and the host's zero image embedding (768 wide, as the host makes it).
+- ``stable_cascade_b``: ``comfy.supported_models.Stable_Cascade_B`` + ``comfy.model_base.StableCascade_B`` (StageB)
+  with the 1.5B stage B's real levels, block counts and block repeats (attention in levels 2 and 3, at 1/8 and 1/16
+  of the latent) at 8 / 16 / 32 / 32 channels and 2 heads; its conditioning carries the pooled text and a stage C
+  latent (``stable_cascade_prior``), as StableCascade_StageB_Conditioning gives it. Its latents need 32 or more
+  pixels a side (four halvings).
 
 Weights are random but fixed by ``seed`` (``support.models.initialise_weights``; the MMDiT's
 ``pos_embed`` buffer gets the same treatment); fp32 on the CPU. One forward at an 8x8 latent
@@ -80,7 +89,7 @@ from .models import initialise_weights
 DIT_FAMILIES = ("sd3", "sd35", "flux", "flux2", "chroma", "chroma_radiance", "qwen_image", "lumina2", "z_image",
                 "hidream", "wan21", "wan21_i2v", "wan22_ti2v", "hunyuan_video", "ltxv", "hunyuan_video15",
                 "hunyuan_image21", "cosmos_predict2", "cosmos_predict2_i2v", "auraflow", "omnigen2", "mochi", "cosmos1", "cosmos1_i2v",
-                "wan22_animate", "pixart", "hunyuan_dit", "wan22_s2v")
+                "wan22_animate", "pixart", "hunyuan_dit", "wan22_s2v", "stable_cascade_c", "stable_cascade_b")
 # families whose latents are videos, [B, C, T, H, W]; their test latents have VIDEO_FRAMES frames
 VIDEO_FAMILIES = ("wan21", "wan21_i2v", "wan22_ti2v", "hunyuan_video", "ltxv", "hunyuan_video15", "cosmos_predict2_i2v",
                   "mochi", "cosmos1", "cosmos1_i2v", "wan22_animate", "wan22_s2v")
@@ -340,6 +349,19 @@ DIT_CONFIGS["hunyuan_dit"] = {
 # Wan 2.2 S2V 14B's real 40 blocks, its audio injector after the blocks of Wan's published list
 DIT_CONFIGS["wan22_s2v"] = {**_WAN21, "model_type": "s2v", "num_layers": 40, "audio_dim": 32, "num_audio_token": 4,
                             "cond_dim": 16, "audio_inject_layers": [0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39]}
+DIT_CONFIGS["stable_cascade_c"] = {
+    # Stable Cascade stage C, 3.6B (comfy.model_detection, 0.3.75: c_cond 2048, the rest StageC's defaults) at 32
+    # channels; the image embedding stays 768 wide, the host's zero embedding's width
+    "stable_cascade_stage": "c", "c_cond": 32, "c_hidden": [32, 32], "nhead": [2, 2],
+    "blocks": [[8, 24], [24, 8]], "block_repeat": [[1, 1], [1, 1]], "level_config": ["CTA", "CTA"],
+    "c_clip_text": CONTEXT_DIM, "c_clip_text_pooled": POOLED_DIM, "c_clip_img": 768,
+}
+DIT_CONFIGS["stable_cascade_b"] = {
+    # Stable Cascade stage B, 1.5B (comfy.model_detection, 0.3.75) at 8 / 16 / 32 / 32 channels
+    "stable_cascade_stage": "b", "c_cond": 32, "c_hidden": [8, 16, 32, 32], "nhead": [-1, -1, 2, 2],
+    "blocks": [[2, 6, 28, 6], [6, 28, 6, 2]], "block_repeat": [[1, 1, 1, 1], [3, 3, 2, 2]],
+    "level_config": ["CT", "CT", "CTA", "CTA"], "c_clip": POOLED_DIM,
+}
 _MODEL_CLASSES = {
     "sd3": (comfy.supported_models.SD3, comfy.model_base.SD3),
     "sd35": (comfy.supported_models.SD3, comfy.model_base.SD3),
@@ -373,6 +395,8 @@ _MODEL_CLASSES = {
     "pixart": (comfy.supported_models.PixArtSigma, comfy.model_base.PixArt),
     "hunyuan_dit": (comfy.supported_models.HunyuanDiT, comfy.model_base.HunyuanDiT),
     "wan22_s2v": (comfy.supported_models.WAN22_S2V, comfy.model_base.WAN22_S2V),
+    "stable_cascade_c": (comfy.supported_models.Stable_Cascade_C, comfy.model_base.StableCascade_C),
+    "stable_cascade_b": (comfy.supported_models.Stable_Cascade_B, comfy.model_base.StableCascade_B),
 }
 
 
@@ -451,6 +475,8 @@ def make_dit_conditioning(family: str, batch: int = 1, seed: int = 0, tokens: in
             extras["attention_mask"] = torch.tensor([[1] * (tokens - 1) + [0]] * batch)
             extras["conditioning_mt5xl"] = torch.randn(batch, tokens, 32, generator=generator)
             extras["attention_mask_mt5xl"] = torch.ones(batch, tokens, dtype=torch.long)
+        if family == "stable_cascade_b":  # the stage C latent it decodes (StableCascade_StageB_Conditioning)
+            extras["stable_cascade_prior"] = torch.randn(batch, 16, 4, 5, generator=generator)
         return [[torch.randn(batch, tokens, CONTEXT_DIM, generator=generator), extras]]
 
     positive = encode()
