@@ -52,5 +52,5 @@ FAMILY = Family(
                   KnownModel(name="Wan 2.1 / 2.2 14B, Wan 2.2 Animate 14B (40 blocks)",
                              layout=lambda: layout("WAN21_T2V", 40))),
     notes=("Wan 2.2 Animate: the reference image's latent frame and the pose latents are part of the video's tokens "
-           "and guided with them; the face adapter's attention to the face motion is not guided."),
+           "and guided with them; the face adapter's attention to the face motion is not guided.",),
 )
