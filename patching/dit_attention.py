@@ -277,10 +277,14 @@ def install_dit_handler(model, dit: DiTModel, blocks: list[DiTBlock], handler: H
             if isinstance(mark, VideoBlockMark):
                 # the block's first call with as many queries and keys as video tokens is its self-attention;
                 # the cross-attention to the text (and to image embeddings) that follows is left alone
-                if mark.self_attention_done or call.length != mark.tokens or call.key_length != mark.tokens:
+                if not mark.is_self_attention(call.length, call.key_length):
                     return previous(func, *args, **kwargs)
-                mark.self_attention_done = True
-                return handler(call)
+                mark.started = True
+                mark.handling += 1
+                try:
+                    return handler(call)
+                finally:
+                    mark.handling -= 1
             if isinstance(mark, JointBlockMark) and call.length != mark.text_tokens + mark.image_tokens:
                 if call.length != mark.image_tokens:
                     return previous(func, *args, **kwargs)  # not one of the block's self-attentions
