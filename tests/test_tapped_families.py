@@ -26,6 +26,7 @@ from diffusers import HunyuanDiT2DModel, PixArtTransformer2DModel, WanTransforme
 from attention_guidance.nodes.pag import PerturbedAttentionGuidance
 from attention_guidance.nodes.seg import SmoothedEnergyGuidance
 from attention_guidance.patching.families import recognise
+from attention_guidance.patching.options import chunk_ids
 from attention_guidance.patching.sag import with_sag_mask_probe
 from support.dit_models import DIT_CONFIGS, count_forwards, empty_dit_latent, make_dit_conditioning
 from support.dit_models import tiny_dit as tiny
@@ -60,6 +61,7 @@ PROJECTION = {"pixart": "proj", "hunyuan_dit": "out_proj", "wan22_s2v": "o"}
 # the submodules whose outputs give the queries, keys and values: (values, query norm, key norm)
 SUBMODULES = {"pixart": ("qkv", "q_norm", "k_norm"), "hunyuan_dit": ("Wqkv", "q_norm", "k_norm"),
               "wan22_s2v": ("v", "norm_q", "norm_k")}
+UNCOND = "uncond branch"  # the placement that perturbs the sampler's own negative
 PAG_COPY = 2  # the cond id of PAG's / SEG's perturbed copy of the positive
 
 
@@ -260,3 +262,292 @@ def test_pag_chained_with_sag_on_the_same_block_keeps_its_values(family, order):
     x, sigma = latent(family, hw=HW[family])
     patched = pag(sag(model, spec), spec) if order == "sag then pag" else sag(pag(model, spec), spec)
     assert_pag_rows(family, patched, spec, positive, negative, x, sigma)
+
+
+# --- block names, recognition and defaults on the full-size architectures ----------------------------------
+
+PIXART_SIGMA_FULL = {  # comfy.model_detection of PixArt Sigma XL-2
+    "image_model": "pixart_sigma", "num_heads": 16, "patch_size": 2, "hidden_size": 1152, "in_channels": 4,
+    "depth": 28, "micro_condition": False,
+}
+PIXART_ALPHA_FULL = {**PIXART_SIGMA_FULL, "image_model": "pixart_alpha", "micro_condition": True}
+HUNYUAN_DIT_FULL = {"image_model": "hydit", "depth": 40, "hidden_size": 1408, "mlp_ratio": 4.3637}  # DiT-g/2
+HUNYUAN_DIT1_FULL = {**HUNYUAN_DIT_FULL, "image_model": "hydit1", "size_cond": True, "use_style_cond": True}
+WAN_S2V_FULL = {  # comfy.model_detection of Wan 2.2 S2V 14B
+    "image_model": "wan2.1", "model_type": "s2v", "dim": 5120, "out_dim": 16, "num_heads": 40, "ffn_dim": 13824,
+    "num_layers": 40, "patch_size": (1, 2, 2), "freq_dim": 256, "window_size": (-1, -1), "qk_norm": True,
+    "cross_attn_norm": True, "eps": 1e-6, "in_dim": 16,
+}
+# the transformer config of diffusers' HunyuanDiT v1.x checkpoints (DiT-g/2)
+HUNYUAN_DIT_DIFFUSERS = {"in_channels": 4, "patch_size": 2, "num_layers": 40, "hidden_size": 1408, "mlp_ratio": 4.3637,
+                         "sample_size": 128}
+# config class, model class, unet_config, diffusers' model, depth, family, (PAG default, SAG default), source
+FULL_SIZE = {
+    "pixart_sigma": (comfy.supported_models.PixArtSigma, comfy.model_base.PixArt, PIXART_SIGMA_FULL,
+                     lambda: PixArtTransformer2DModel(), 28, "PixArt", ("block.14", "block.14"),
+                     "PixArtSigmaPAGPipeline"),
+    "pixart_alpha": (comfy.supported_models.PixArtAlpha, comfy.model_base.PixArt, PIXART_ALPHA_FULL,
+                     lambda: PixArtTransformer2DModel(), 28, "PixArt", ("block.14", "block.14"),
+                     "PixArtSigmaPAGPipeline"),
+    "hunyuan_dit": (comfy.supported_models.HunyuanDiT, comfy.model_base.HunyuanDiT, HUNYUAN_DIT_FULL,
+                    lambda: HunyuanDiT2DModel(**HUNYUAN_DIT_DIFFUSERS), 40, "HunyuanDiT", ("block.14", "block.14"),
+                    "HunyuanDiTPAGPipeline"),
+    "hunyuan_dit1": (comfy.supported_models.HunyuanDiT1, comfy.model_base.HunyuanDiT, HUNYUAN_DIT1_FULL,
+                     lambda: HunyuanDiT2DModel(**HUNYUAN_DIT_DIFFUSERS), 40, "HunyuanDiT", ("block.14", "block.14"), "HunyuanDiTPAGPipeline"),
+    # diffusers has no S2V model; its blocks are Wan's, named as in diffusers' Wan transformer
+    "wan22_s2v": (comfy.supported_models.WAN22_S2V, comfy.model_base.WAN22_S2V, WAN_S2V_FULL,
+                  lambda: WanTransformer3DModel(num_layers=40), 40, "Wan S2V", ("block.10", "block.10"), "WanVideoSLG"),
+}
+# the submodules of each block's self-attention the nodes use (tapped families: recorded, then the projection)
+FULL_SUBMODULES = {"pixart": ("attn", ("qkv", "q_norm", "k_norm", "proj")),
+                   "hunyuan_dit": ("attn1", ("Wqkv", "q_norm", "k_norm", "out_proj")),
+                   "wan22_s2v": ("self_attn", ("q", "k", "v", "o"))}
+
+
+def full_size(which):
+    config_class, model_class, unet_config = FULL_SIZE[which][:3]
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model_class(config_class(dict(unet_config)), device="meta"),
+                                            load_device=cpu, offload_device=cpu)
+
+
+def family_of(which):
+    return "pixart" if which.startswith("pixart") else "hunyuan_dit" if which.startswith("hunyuan") else "wan22_s2v"
+
+
+@pytest.mark.parametrize("which", FULL_SIZE)
+def test_every_block_name_is_a_module_of_the_host_and_of_diffusers(which):
+    patcher = full_size(which)
+    recognised = recognise(patcher, "test")
+    layout = recognised.layout
+    depth, family_name = FULL_SIZE[which][4:6]
+    assert recognised.family.name == family_name
+    assert type(patcher.model.model_config).__name__ in recognised.family.host_types
+    assert layout.depths == {"block": depth}
+    host_modules = dict(patcher.model.diffusion_model.named_modules())
+    with torch.device("meta"):
+        diffusers_modules = dict(FULL_SIZE[which][3]().named_modules())
+    attention, submodules = FULL_SUBMODULES[family_of(which)]
+    assert recognised.family.reach.taps is None or (recognised.family.reach.taps.attention, (
+        *recognised.family.reach.taps.recorded, recognised.family.reach.taps.output)) == (attention, submodules)
+    for block in layout.sites:
+        assert block.host_name in host_modules, block
+        for name in submodules:
+            assert f"{block.host_name}.{attention}.{name}" in host_modules, (block, name)
+        assert block.diffusers_name in diffusers_modules, block
+        assert block.diffusers_name.endswith(".attn1")  # diffusers' self-attention (attn2: the text)
+        for spelling in (block.index_name, block.diffusers_name, block.host_name):
+            assert layout.select(spelling) == [block]
+    if family_of(which) == "pixart":  # no KV compression in the published checkpoints
+        assert all(host_modules[f"{block.host_name}.attn"].sr_ratio == 1 for block in layout.sites)
+
+
+@pytest.mark.parametrize("which", FULL_SIZE)
+def test_full_size_defaults_name_blocks_with_a_source(which):
+    layout = recognise(full_size(which), "test").layout
+    pag_default, sag_default = FULL_SIZE[which][6]
+    assert (layout.default_layers("pag"), layout.default_layers("sag")) == (pag_default, sag_default)
+    assert layout.default_layers("seg") == layout.default_layers("pag")
+    for method in ("pag", "seg", "sag"):
+        assert [block.index_name for block in layout.select(layout.resolve("auto", method))] == [pag_default]
+    assert FULL_SIZE[which][7] in layout.default_source("pag")
+    assert "SAG" in layout.default_source("sag") and "no" in layout.default_source("sag")
+    # the narrow test models have the full-size depths and so the same defaults
+    tiny_layout = recognise(tiny(family_of(which)), "test").layout
+    assert (tiny_layout.default_layers("pag"), tiny_layout.default_layers("sag")) == (pag_default, sag_default)
+
+
+# --- PAG end to end: Eq. 14 with the tests' own identity attention -----------------------------------------
+
+@contextlib.contextmanager
+def perturbed(family, spec, replace):
+    """The narrow model with the chosen block's self-attention replaced, in every row, by ``replace`` (the
+    tests' own hooks)."""
+    model = tiny(family)
+    with hooked(model, family, block_index(family, spec), replace):
+        yield model
+
+
+@pytest.mark.parametrize("cfg", [4.0, 1.0])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pag_is_eq14_with_the_identity_attention_of_the_chosen_block(family, cfg):
+    model = tiny(family)
+    positive, negative = conditioning(family)
+    x, sigma = latent(family, hw=HW[family])
+    spec = EFFECT_BLOCK[family]
+    plain = denoise_once(model, positive, negative, x, sigma, cfg)
+    cond = denoise_once(model, positive, negative, x, sigma, 1.0)
+    with perturbed(family, spec, identity) as identity_model:
+        perturbed_cond = denoise_once(identity_model, positive, negative, x, sigma, 1.0)
+    ours = denoise_once(pag(model, spec), positive, negative, x, sigma, cfg)
+    assert rel_err(ours, plain + 3.0 * (cond - perturbed_cond)) < 1e-4  # paper Eq. 14
+    assert rel_err(ours, plain) > 1e-2
+
+
+# --- SEG at infinite blur: the attention of the mean query --------------------------------------------------
+
+WITH_REFERENCE = [(family, False) for family in FAMILIES] + [("wan22_s2v", True)]  # Wan S2V's reference image
+
+
+@pytest.mark.parametrize("family, with_reference", WITH_REFERENCE)
+def test_seg_at_infinite_blur_is_the_attention_of_the_mean_query(family, with_reference):
+    model = tiny(family)
+    hw = HW[family]
+    reference = reference_latent(hw) if with_reference else None
+    positive, negative = conditioning(family, reference=reference)
+    x, sigma = latent(family, hw=hw)
+    index = block_index(family, BLOCK[family])
+    grid = grid_of(family, hw)
+    tokens = grid[0] * grid[1] * grid[2] + (grid[1] * grid[2] if with_reference else 0)  # the reference: a frame
+    forwards, calls = run_hooked(seg(model, BLOCK[family], blur_sigma=10000.0), family, index, positive, negative, x,
+                                 sigma, 4.0)
+    (forward,), (ours,) = forwards, calls
+    assert sorted(forward.cond_or_uncond) == [0, 1, PAG_COPY]
+    assert ours["q"].shape[2] == tokens
+    copy = rows_of(forward, PAG_COPY)
+    expected = attend(mean_queries(ours["q"][copy], grid), ours["k"][copy], ours["v"][copy])
+    assert rel_err(ours["out"][copy], project(model, family, index, expected)) < 1e-5
+    # the blur's own effect, small where a random model's attention is near uniform (Wan S2V's), is the mean
+    # query's
+    unblurred = project(model, family, index, attend(ours["q"][copy], ours["k"][copy], ours["v"][copy]))
+    assert rel_err(ours["out"][copy] - unblurred, project(model, family, index, expected) - unblurred) < 1e-2
+    assert rel_err(ours["out"][copy], unblurred) > 1e-5
+    for chunk in (0, 1):  # the positive's and the negative's rows: the attention as it was
+        row = rows_of(forward, chunk)
+        assert rel_err(ours["out"][row], project(model, family, index, ours["attention"][row])) < 1e-5
+
+
+def test_seg_on_wan_s2v_blurs_the_video_queries_and_leaves_the_reference_queries():
+    # the override sees the chosen self-attention twice: the positive's and the negative's rows as they are, then
+    # the copy's rows with its queries blurred (each frame's the mean of the frame) and the reference image's own
+    family = "wan22_s2v"
+    hw = HW[family]
+    positive, negative = conditioning(family, reference=reference_latent(hw))
+    x, sigma = latent(family, hw=hw)
+    calls = []
+    denoise_once(seg(recording(tiny(family), calls), BLOCK[family], blur_sigma=10000.0), positive, negative, x, sigma,
+                 4.0)
+    grid = grid_of(family, hw)
+    count = grid[0] * grid[1] * grid[2]
+    self_attention = [(options, args) for options, args, _ in calls if args[1].shape[1] == args[0].shape[1]]
+    (rest_options, rest), (copy_options, copy) = self_attention
+    assert [args[0].shape[0] for _, args in self_attention] == [2, 1]
+    assert chunk_ids(copy_options) == [PAG_COPY] and sorted(chunk_ids(rest_options)) == [0, 1]
+    positive_row = chunk_ids(rest_options).index(0)
+    q, q_copy = heads_of(rest[0][positive_row:positive_row + 1], 2), heads_of(copy[0], 2)  # [B, L, C] as the host's
+    assert q.shape[2] == count + grid[1] * grid[2]
+    assert rel_err(q_copy, mean_queries(q, grid)) < 1e-6
+    assert torch.equal(q_copy[:, :, count:], q[:, :, count:])  # the reference image's queries
+    assert not torch.allclose(q_copy[:, :, :count], q[:, :, :count])
+    for i in (1, 2):  # keys and values as the positive's
+        assert torch.equal(copy[i], rest[i][positive_row:positive_row + 1])
+
+
+# --- SAG: the key mass of the grid's tokens in the chosen block ----------------------------------------------
+
+def _expected_mask(q, k, image, grid, latent_hw):
+    probs = (q.double() @ k.double().transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)[:, :, image, image]
+    probs = probs / probs.sum(-1, keepdim=True)
+    mass = probs.mean(1).sum(1)  # [B, image tokens]
+    frames = (mass > 1.0).double().reshape(-1, 1, *grid[-2:])  # one mask per frame
+    return F.interpolate(frames, size=latent_hw, mode="nearest").float()
+
+
+SAG_SIZES = [(family, hw) for family, sizes in (("pixart", [(32, 40), (40, 32), (36, 36)]),
+                                                  ("hunyuan_dit", [(8, 12), (12, 8), (10, 10)]),
+                                                  ("wan22_s2v", [(8, 12), (6, 10)])) for hw in sizes]
+
+
+@pytest.mark.parametrize("family, latent_hw", SAG_SIZES)
+def test_sag_mask_is_the_key_mass_of_the_captured_queries_and_keys(family, latent_hw):
+    model = tiny(family)
+    x, sigma = latent(family, hw=latent_hw, sigma=0.5)
+    positive, negative = conditioning(family, seed=6)
+    index = block_index(family, BLOCK[family])
+    kept = []
+    forwards, calls = run_hooked(with_sag_mask_probe(sag(model, BLOCK[family]), kept.append), family, index, positive,
+                                 negative, x, sigma, 4.0)
+    grid = grid_of(family, latent_hw)
+    count = grid[0] * grid[1] * grid[2]
+    assert sorted(forwards[0].cond_or_uncond) == [0, 1]
+    uncond = rows_of(forwards[0], 1)  # SAG's reference under CFG
+    q, k = calls[0]["q"][uncond], calls[0]["k"][uncond]
+    assert q.shape[2] == count
+    assert kept[0].shape == (grid[0], 1, *latent_hw)
+    assert 0 < kept[0].mean() < 1
+    assert torch.equal(kept[0], _expected_mask(q, k, slice(0, count), grid, latent_hw))
+
+
+@pytest.mark.parametrize("with_reference", [False, True])
+def test_sag_mask_on_wan_s2v_is_the_key_mass_of_the_video_tokens(with_reference):
+    # from the queries and keys the host hands its attention (a recording override): the reference image's tokens
+    # follow the video's and are left out of the map
+    family, latent_hw = "wan22_s2v", (8, 12)
+    x, sigma = latent(family, hw=latent_hw, sigma=0.5)
+    positive, negative = conditioning(family, seed=6, reference=reference_latent(latent_hw) if with_reference else None)
+    calls, kept = [], []
+    denoise_once(with_sag_mask_probe(sag(recording(tiny(family), calls), BLOCK[family]), kept.append), positive,
+                 negative, x, sigma, 4.0)
+    grid = grid_of(family, latent_hw)
+    count = grid[0] * grid[1] * grid[2]
+    options, args, _ = calls[0]  # the chosen block's self-attention, the first call the override sees
+    assert args[0].shape[1] == args[1].shape[1] == count + (grid[1] * grid[2] if with_reference else 0)
+    uncond = chunk_ids(options).index(1)
+    q, k = (heads_of(t[uncond:uncond + 1], 2) for t in args[:2])
+    assert 0 < kept[0].mean() < 1
+    assert torch.equal(kept[0], _expected_mask(q, k, slice(0, count), grid, latent_hw))
+
+
+# --- what is not chosen stays the host's ----------------------------------------------------------------------
+
+def pag_uncond(model, layers, scale=3.0):
+    return PerturbedAttentionGuidance.execute(model, scale, layers, 0.0, 0.0, 1.0, 0.0, UNCOND).result[0]
+
+
+def seg_uncond(model, layers, scale=3.0, blur_sigma=10000.0):
+    return SmoothedEnergyGuidance.execute(model, scale, blur_sigma, layers, 0.0, 1.0, UNCOND).result[0]
+
+
+@contextlib.contextmanager
+def block_outputs(model):
+    """Every block's output, forward by forward (the tests' own hooks)."""
+    outputs = {}
+    handles = [block.register_forward_hook(lambda module, args, out, i=i: outputs.setdefault(i, []).append(out))
+               for i, block in enumerate(model.model.diffusion_model.blocks)]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("placement", [UNCOND, "own branch"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_blocks_not_chosen_are_the_unpatched_models(family, placement):
+    model = tiny(family)
+    positive, negative = conditioning(family, seed=4)
+    x, sigma = latent(family, hw=HW[family])
+    spec = BLOCK[family]
+    index = block_index(family, spec)
+    patched = pag_uncond(model, spec) if placement == UNCOND else pag(model, spec)
+    with count_forwards(model) as plain_forwards, block_outputs(model) as plain:
+        denoise_once(model, positive, negative, x, sigma, 4.0)
+    with count_forwards(patched) as forwards, block_outputs(model) as ours:
+        denoise_once(patched, positive, negative, x, sigma, 4.0)
+    (forward,), (plain_forward,) = forwards, plain_forwards
+    assert len(forward.cond_or_uncond) == (2 if placement == UNCOND else 3)
+    for i in sorted(plain):
+        (out,), (plain_out,) = ours[i], plain[i]
+        positive, plain_positive = out[rows_of(forward, 0)], plain_out[rows_of(plain_forward, 0)]
+        negative, plain_negative = out[rows_of(forward, 1)], plain_out[rows_of(plain_forward, 1)]
+        if placement == UNCOND:  # CFG's own batch: bit for bit the host's, but where the negative is perturbed
+            assert torch.equal(positive, plain_positive), i
+            assert torch.equal(negative, plain_negative) == (i < index), i
+        else:  # a batch of three (float32 rounds a larger batch's rows a little differently)
+            assert rel_err(positive, plain_positive) < 1e-5 and rel_err(negative, plain_negative) < 1e-5, i
+            assert torch.equal(out[rows_of(forward, PAG_COPY)], positive) == (i < index), i
+    # the object patches are on the chosen block's self-attention (and the model's forward), and on the clone only
+    added = set(patched.object_patches) - set(model.object_patches)
+    block = chosen(family, spec).host_name
+    assert added and all(key.startswith(f"diffusion_model.{block}.") or key == "diffusion_model.forward"
+                         for key in added), added
