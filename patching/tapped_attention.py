@@ -78,6 +78,9 @@ def _guided_output(path: str, module, block, dit: DiTModel, handler: Handler, pr
         # and its call of the attention function goes straight to it
         values = {"q": q, "k": k, "v": v, "heads": q.shape[1], "skip_reshape": True,
                   "transformer_options": record.options, "_inside_attn_wrapper": True}
+        precision = getattr(module, "attn_precision", None)  # HunyuanDiT's: float32 (the host's unet_extra_config)
+        if precision is not None:
+            values["attn_precision"] = precision
         call = DiTAttention(previous_override, optimized_attention, values, 4, block=block, model=dit,
                             text_tokens=0, joint=True)
         guided = handler(call)

@@ -26,14 +26,14 @@ from diffusers import HunyuanDiT2DModel, PixArtTransformer2DModel, WanTransforme
 from attention_guidance.nodes.pag import PerturbedAttentionGuidance
 from attention_guidance.nodes.seg import SmoothedEnergyGuidance
 from attention_guidance.patching.families import recognise
-from attention_guidance.patching.options import chunk_ids
+from attention_guidance.patching.options import GUIDANCE_OPTIONS, LATENT_HW, chunk_ids
 from attention_guidance.patching.sag import with_sag_mask_probe
 from support.dit_models import DIT_CONFIGS, count_forwards, empty_dit_latent, make_dit_conditioning
 from support.dit_models import tiny_dit as tiny
 from support.family_checks import (
     assert_batch_rows_guided_independently, chosen, latent, pag, recording, rel_err, sag, seg,
 )
-from support.models import denoise_once, sample
+from support.models import denoise_once, initialise_weights, sample
 
 
 @pytest.fixture(autouse=True)
@@ -177,16 +177,32 @@ def mean_query_attention(grid):
     return lambda call: attend(mean_queries(call["q"], grid), call["k"], call["v"])
 
 
-def conditioning(family, batch=1, seed=3, reference=None):
-    positive, negative = make_dit_conditioning(family, batch=batch, seed=seed)
-    if reference is None:
+def conditioning(family, batch=1, seed=3):
+    return make_dit_conditioning(family, batch=batch, seed=seed)
+
+
+def s2v_extras(kind, hw):
+    """Wan S2V conditioning beyond the text: its reference image's latent, the motion frames of the clip before,
+    the audio features."""
+    generator = torch.Generator().manual_seed(11)
+    extras = {"reference_latents": [torch.randn(1, 16, 1, *hw, generator=generator)]}
+    if kind == "reference, motion and audio":
+        extras["reference_motion"] = torch.randn(1, 16, 19, *hw, generator=generator)
+        extras["audio_embed"] = torch.randn(1, 25, 32, 4 * FRAMES["wan22_s2v"], generator=generator)
+    return extras
+
+
+def s2v_conditioning(kind, hw, seed=3):
+    """Wan S2V's positive and negative with ``s2v_extras(kind)`` (None: the text only)."""
+    positive, negative = conditioning("wan22_s2v", seed=seed)
+    if kind is None:
         return positive, negative
-    return tuple([[c[0][0], {**c[0][1], "reference_latents": [reference]}]] for c in (positive, negative))
+    return tuple([[c[0][0], {**c[0][1], **s2v_extras(kind, hw)}]] for c in (positive, negative))
 
 
-def reference_latent(hw, seed=2):
-    """A Wan S2V reference image's latent: one frame."""
-    return torch.randn(1, 16, 1, *hw, generator=torch.Generator().manual_seed(seed))
+S2V_EXTRAS = ["reference", "reference, motion and audio"]
+# Wan S2V also with its reference image's latent (after the video's tokens, a frame of them), and the motion frames
+WITH_EXTRAS = [(family, None) for family in FAMILIES] + [("wan22_s2v", kind) for kind in S2V_EXTRAS]
 
 
 # --- sanity: the hooks see the host's attention -----------------------------------------------------------
@@ -246,9 +262,10 @@ def assert_pag_rows(family, patched, spec, positive, negative, x, sigma):
     return ours
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_pag_rows_of_the_chosen_attention_are_the_values(family):
-    positive, negative = conditioning(family)
+@pytest.mark.parametrize("family, kind", WITH_EXTRAS)
+def test_pag_rows_of_the_chosen_attention_are_the_values(family, kind):
+    # on Wan S2V every token of the self-attention, the reference image's and the motion frames' too
+    positive, negative = s2v_conditioning(kind, HW[family]) if family == "wan22_s2v" else conditioning(family)
     x, sigma = latent(family, hw=HW[family])
     assert_pag_rows(family, pag(tiny(family), BLOCK[family]), BLOCK[family], positive, negative, x, sigma)
 
@@ -386,24 +403,23 @@ def test_pag_is_eq14_with_the_identity_attention_of_the_chosen_block(family, cfg
 
 # --- SEG at infinite blur: the attention of the mean query --------------------------------------------------
 
-WITH_REFERENCE = [(family, False) for family in FAMILIES] + [("wan22_s2v", True)]  # Wan S2V's reference image
-
-
-@pytest.mark.parametrize("family, with_reference", WITH_REFERENCE)
-def test_seg_at_infinite_blur_is_the_attention_of_the_mean_query(family, with_reference):
+@pytest.mark.parametrize("family, kind", WITH_EXTRAS)
+def test_seg_at_infinite_blur_is_the_attention_of_the_mean_query(family, kind):
     model = tiny(family)
     hw = HW[family]
-    reference = reference_latent(hw) if with_reference else None
-    positive, negative = conditioning(family, reference=reference)
+    positive, negative = s2v_conditioning(kind, hw) if family == "wan22_s2v" else conditioning(family)
     x, sigma = latent(family, hw=hw)
     index = block_index(family, BLOCK[family])
     grid = grid_of(family, hw)
-    tokens = grid[0] * grid[1] * grid[2] + (grid[1] * grid[2] if with_reference else 0)  # the reference: a frame
+    count = grid[0] * grid[1] * grid[2]
     forwards, calls = run_hooked(seg(model, BLOCK[family], blur_sigma=10000.0), family, index, positive, negative, x,
                                  sigma, 4.0)
     (forward,), (ours,) = forwards, calls
     assert sorted(forward.cond_or_uncond) == [0, 1, PAG_COPY]
-    assert ours["q"].shape[2] == tokens
+    if kind == "reference, motion and audio":
+        assert ours["q"].shape[2] > count + grid[1] * grid[2]
+    else:
+        assert ours["q"].shape[2] == count + (grid[1] * grid[2] if kind == "reference" else 0)
     copy = rows_of(forward, PAG_COPY)
     expected = attend(mean_queries(ours["q"][copy], grid), ours["k"][copy], ours["v"][copy])
     assert rel_err(ours["out"][copy], project(model, family, index, expected)) < 1e-5
@@ -417,12 +433,14 @@ def test_seg_at_infinite_blur_is_the_attention_of_the_mean_query(family, with_re
         assert rel_err(ours["out"][row], project(model, family, index, ours["attention"][row])) < 1e-5
 
 
-def test_seg_on_wan_s2v_blurs_the_video_queries_and_leaves_the_reference_queries():
+@pytest.mark.parametrize("kind", S2V_EXTRAS)
+def test_seg_on_wan_s2v_blurs_the_video_queries_and_leaves_the_reference_queries(kind):
     # the override sees the chosen self-attention twice: the positive's and the negative's rows as they are, then
-    # the copy's rows with its queries blurred (each frame's the mean of the frame) and the reference image's own
+    # the copy's rows with its queries blurred (each frame's the mean of the frame), the reference image's and the
+    # motion frames' own
     family = "wan22_s2v"
     hw = HW[family]
-    positive, negative = conditioning(family, reference=reference_latent(hw))
+    positive, negative = s2v_conditioning(kind, hw)
     x, sigma = latent(family, hw=hw)
     calls = []
     denoise_once(seg(recording(tiny(family), calls), BLOCK[family], blur_sigma=10000.0), positive, negative, x, sigma,
@@ -435,9 +453,9 @@ def test_seg_on_wan_s2v_blurs_the_video_queries_and_leaves_the_reference_queries
     assert chunk_ids(copy_options) == [PAG_COPY] and sorted(chunk_ids(rest_options)) == [0, 1]
     positive_row = chunk_ids(rest_options).index(0)
     q, q_copy = heads_of(rest[0][positive_row:positive_row + 1], 2), heads_of(copy[0], 2)  # [B, L, C] as the host's
-    assert q.shape[2] == count + grid[1] * grid[2]
+    assert q.shape[2] == count + grid[1] * grid[2] if kind == "reference" else q.shape[2] > count + grid[1] * grid[2]
     assert rel_err(q_copy, mean_queries(q, grid)) < 1e-6
-    assert torch.equal(q_copy[:, :, count:], q[:, :, count:])  # the reference image's queries
+    assert torch.equal(q_copy[:, :, count:], q[:, :, count:])  # the reference image's and the motion's queries
     assert not torch.allclose(q_copy[:, :, :count], q[:, :, :count])
     for i in (1, 2):  # keys and values as the positive's
         assert torch.equal(copy[i], rest[i][positive_row:positive_row + 1])
@@ -478,20 +496,22 @@ def test_sag_mask_is_the_key_mass_of_the_captured_queries_and_keys(family, laten
     assert torch.equal(kept[0], _expected_mask(q, k, slice(0, count), grid, latent_hw))
 
 
-@pytest.mark.parametrize("with_reference", [False, True])
-def test_sag_mask_on_wan_s2v_is_the_key_mass_of_the_video_tokens(with_reference):
-    # from the queries and keys the host hands its attention (a recording override): the reference image's tokens
-    # follow the video's and are left out of the map
+@pytest.mark.parametrize("kind", [None, *S2V_EXTRAS])
+def test_sag_mask_on_wan_s2v_is_the_key_mass_of_the_video_tokens(kind):
+    # from the queries and keys the host hands its attention (a recording override): the reference image's and the
+    # motion frames' tokens follow the video's and are left out of the map
     family, latent_hw = "wan22_s2v", (8, 12)
     x, sigma = latent(family, hw=latent_hw, sigma=0.5)
-    positive, negative = conditioning(family, seed=6, reference=reference_latent(latent_hw) if with_reference else None)
+    positive, negative = s2v_conditioning(kind, latent_hw, seed=6)
     calls, kept = [], []
     denoise_once(with_sag_mask_probe(sag(recording(tiny(family), calls), BLOCK[family]), kept.append), positive,
                  negative, x, sigma, 4.0)
     grid = grid_of(family, latent_hw)
     count = grid[0] * grid[1] * grid[2]
     options, args, _ = calls[0]  # the chosen block's self-attention, the first call the override sees
-    assert args[0].shape[1] == args[1].shape[1] == count + (grid[1] * grid[2] if with_reference else 0)
+    extra = {None: 0, "reference": grid[1] * grid[2]}.get(kind)
+    assert args[0].shape[1] == args[1].shape[1]
+    assert args[0].shape[1] == count + extra if extra is not None else args[0].shape[1] > count + grid[1] * grid[2]
     uncond = chunk_ids(options).index(1)
     q, k = (heads_of(t[uncond:uncond + 1], 2) for t in args[:2])
     assert 0 < kept[0].mean() < 1
@@ -551,3 +571,179 @@ def test_the_blocks_not_chosen_are_the_unpatched_models(family, placement):
     block = chosen(family, spec).host_name
     assert added and all(key.startswith(f"diffusion_model.{block}.") or key == "diffusion_model.forward"
                          for key in added), added
+
+
+@pytest.mark.parametrize("node", ["pag", "seg", "sag"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_scale_of_0_gives_the_unpatched_model(family, node):
+    model = tiny(family)
+    positive, negative = conditioning(family, seed=5)
+    x, sigma = latent(family, hw=HW[family])
+    patched = {"pag": pag, "seg": seg, "sag": sag}[node](model, BLOCK[family], scale=0.0)
+    assert patched.object_patches == model.object_patches
+    assert torch.equal(denoise_once(patched, positive, negative, x, sigma, 4.0),
+                       denoise_once(model, positive, negative, x, sigma, 4.0))
+
+
+def test_unpatching_gives_the_hosts_modules_back():
+    # sampled with every node on two families' chosen blocks, then with the unpatched model: its output is the one
+    # before, and no module keeps a forward of ours
+    for family in FAMILIES:
+        model = tiny(family)
+        positive, negative = conditioning(family, batch=1, seed=7)
+        start = empty_dit_latent(model, (1, 16, *HW[family]))
+        before = sample(model, positive, negative, start, steps=2, cfg=3.5, seed=3)
+        spec = EFFECT_BLOCK[family]
+        patched = sag(seg(pag(model, spec), spec), spec)
+        assert not torch.equal(sample(patched, positive, negative, start, steps=2, cfg=3.5, seed=3), before)
+        assert torch.equal(sample(model.clone(), positive, negative, start, steps=2, cfg=3.5, seed=3), before)
+        diffusion_model = model.model.diffusion_model
+        for name, module in [("", diffusion_model), *diffusion_model.named_modules()]:
+            forward = module.__dict__.get("forward")
+            assert forward is None or getattr(forward, "__func__", None) is type(module).forward, (family, name)
+
+
+# --- batches, latent sizes, placement, chaining, sampling -----------------------------------------------------
+
+@pytest.mark.parametrize("node", ["pag", "seg", "sag"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_rows_are_guided_independently(family, node):
+    assert_batch_rows_guided_independently(family, {"pag": pag, "seg": seg, "sag": sag}[node], EFFECT_BLOCK[family],
+                                           hw=HW[family])
+
+
+@pytest.mark.parametrize("node", ["pag", "seg"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_uncond_placement_is_cfg_with_the_perturbed_negative_in_cfgs_forward(family, node):
+    # D = D^(u) + w (D(c) - D^(u)), the perturbed negative from the tests' own perturbation, in CFG's one forward
+    model = tiny(family)
+    positive, negative = conditioning(family, seed=8)
+    x, sigma = latent(family, hw=HW[family])
+    spec = EFFECT_BLOCK[family]
+    patched = (pag_uncond if node == "pag" else seg_uncond)(model, spec)
+    with count_forwards(patched) as forwards:
+        ours = denoise_once(patched, positive, negative, x, sigma, 4.0)
+    assert [(f.batch_size, sorted(f.cond_or_uncond)) for f in forwards] == [(2, [0, 1])]
+    cond = denoise_once(model, positive, negative, x, sigma, 1.0)
+    replace = identity if node == "pag" else mean_query_attention(grid_of(family, HW[family]))
+    with perturbed(family, spec, replace) as perturbed_model:
+        perturbed_uncond = denoise_once(perturbed_model, negative, positive, x, sigma, 1.0)  # the negative as cond
+    assert rel_err(ours, perturbed_uncond + 4.0 * (cond - perturbed_uncond)) < 1e-4
+    assert rel_err(ours, denoise_once(model, positive, negative, x, sigma, 4.0)) > (1e-2 if node == "pag" else 1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_method_guides_a_sampled_non_square_latent_and_stays_finite(family):
+    model = tiny(family)
+    positive, negative = conditioning(family, batch=2, seed=8)
+    start = empty_dit_latent(model, (2, 16, *HW[family]))
+    plain = sample(model, positive, negative, start, steps=2, cfg=3.5, seed=3)
+    spec = EFFECT_BLOCK[family]
+    for name, patched in (("pag auto", pag(model, "auto")), ("seg auto", seg(model, "auto")),
+                          ("sag auto", sag(model, "auto")), ("pag", pag(model, spec)), ("seg", seg(model, spec)),
+                          ("sag", sag(model, spec)), ("sag+pag", sag(pag(model, spec), spec)),
+                          ("pag+sag", pag(sag(model, spec), spec)), ("uncond pag", pag_uncond(model, spec))):
+        out = sample(patched, positive, negative, start, steps=2, cfg=3.5, seed=3)
+        assert out.shape == plain.shape
+        assert torch.isfinite(out).all()
+        # SEG's blurred queries move a random model's near-uniform attention far less than PAG's identity (its size
+        # is checked at the attention above), as does PAG at the middle blocks of the random HunyuanDiT ('auto')
+        small = name.startswith("seg") or (family == "hunyuan_dit" and name == "pag auto")
+        assert rel_err(out, plain) > (1e-6 if small else 1e-3), name
+    assert torch.equal(sample(model, positive, negative, start, steps=2, cfg=3.5, seed=3), plain)  # model untouched
+
+
+# --- PixArt's KV compression --------------------------------------------------------------------------------
+
+def pixart_with_kv_compression(layers):
+    """The narrow PixArt with PixArt Sigma's KV token compression (every second key and value) in ``layers``."""
+    config = comfy.supported_models.PixArtSigma(dict(DIT_CONFIGS["pixart"], kv_compress_config={
+        "sampling": "uniform_every", "scale_factor": 2, "kv_compress_layer": list(layers)}))
+    config.set_inference_dtype(torch.float32, None)
+    cpu = torch.device("cpu")
+    base = comfy.model_base.PixArt(config, device=cpu)
+    initialise_weights(base.diffusion_model, 0)
+    return comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+
+
+@pytest.mark.parametrize("node", ["pag", "seg", "sag"])
+def test_a_pixart_block_with_kv_compression_is_refused_by_name(node):
+    model = pixart_with_kv_compression([14])
+    apply = {"pag": pag, "seg": seg, "sag": sag}[node]
+    for spec in ("block.14", "auto", "transformer_blocks.14"):
+        with pytest.raises(ValueError) as error:
+            apply(model, spec)
+        message = str(error.value)
+        assert "block.14" in message and "KV compression" in message and "compressed" in message, message
+        assert "Choose another block" in message
+    assert not model.object_patches  # nothing left on the model given to the node
+    # its other blocks are guided, and the compressed block runs as the host's
+    positive, negative = conditioning("pixart", seed=9)
+    start = empty_dit_latent(model, (1, 16, *HW["pixart"]))
+    plain = sample(model, positive, negative, start, steps=2, cfg=3.5, seed=3)
+    out = sample(apply(model, "block.13"), positive, negative, start, steps=2, cfg=3.5, seed=3)
+    assert torch.isfinite(out).all() and rel_err(out, plain) > 1e-6
+
+
+# --- which attention calls are reached -----------------------------------------------------------------------
+
+REACH_BLOCKS = "block.0, block.14"
+
+
+@pytest.mark.parametrize("family", TAPPED)
+def test_the_tapped_attention_hands_the_previous_override_the_rows_it_does_not_perturb(family):
+    # the host calls these attentions without transformer_options: an override set before the node sees only the
+    # chosen blocks' self-attention, as the nodes compute it, for the positive's and the negative's rows, with the
+    # forward's options and the host's own arguments (HunyuanDiT's float32 attention precision among them)
+    model = tiny(family)
+    positive, negative = conditioning(family, seed=4)
+    x, sigma = latent(family, hw=HW[family])
+    calls = []
+    with count_forwards(model) as forwards:
+        out = denoise_once(pag(recording(model, calls), REACH_BLOCKS), positive, negative, x, sigma, 4.0)
+    assert torch.isfinite(out).all()
+    tokens = HW[family][0] * HW[family][1] // 4
+    blocks = recognise(model, "test").layout.select(REACH_BLOCKS)
+    assert len(calls) == len(blocks) == 2
+    for block, (options, args, kwargs) in zip(blocks, calls):
+        assert sorted(chunk_ids(options)) == [0, 1]
+        assert [tuple(t.shape) for t in args[:3]] == [(2, 2, tokens, 32)] * 3  # [B, heads, L, D]
+        assert kwargs["skip_reshape"]
+        assert options[GUIDANCE_OPTIONS][LATENT_HW] == HW[family]  # the forward's own options
+        assert sorted(forwards[0].cond_or_uncond) == [0, 1, PAG_COPY]
+        attention = model.get_model_object(f"diffusion_model.{block.host_name}.{SELF_ATTENTION[family]}")
+        assert kwargs.get("attn_precision") == getattr(attention, "attn_precision", None)
+    if family == "hunyuan_dit":
+        assert calls[0][2]["attn_precision"] == torch.float32  # the host's for HunyuanDiT
+
+
+def test_on_wan_s2v_the_override_reaches_the_chosen_blocks_only():
+    # the host runs S2V's blocks without transformer_options: the override sees the two chosen blocks (handed the
+    # forward's options) and nothing of the others; in each, the self-attention over the video, the reference
+    # image's and the motion frames' tokens (PAG's copy computed by PAG), then the cross-attention to the text
+    family, hw = "wan22_s2v", HW["wan22_s2v"]
+    positive, negative = s2v_conditioning("reference, motion and audio", hw, seed=4)
+    x, sigma = latent(family, hw=hw)
+    calls = []
+    out = denoise_once(pag(recording(tiny(family), calls), "block.0, block.39"), positive, negative, x, sigma, 4.0)
+    assert torch.isfinite(out).all()
+    shapes = [(args[0].shape[0], args[0].shape[1], args[1].shape[1]) for _, args, _ in calls]
+    tokens = shapes[0][1]
+    assert tokens > FRAMES[family] * hw[0] * hw[1] // 4 + hw[0] * hw[1] // 4  # the video's, the reference's, motion
+    assert shapes == [(2, tokens, tokens), (3, tokens, 7)] * 2
+
+
+@pytest.mark.parametrize("kind", S2V_EXTRAS)
+def test_wan_s2v_with_its_reference_image_samples_with_every_method(kind):
+    family, hw = "wan22_s2v", (8, 10)  # the motion frames are packed with 8x8 kernels
+    model = tiny(family)
+    positive, negative = s2v_conditioning(kind, hw, seed=12)
+    start = empty_dit_latent(model, (1, 16, *hw))
+    plain = sample(model, positive, negative, start, steps=2, cfg=3.5, seed=3)
+    # the reference (and the motion frames) are used: without them the sample is another
+    assert rel_err(sample(model, *conditioning(family, seed=12), start, steps=2, cfg=3.5, seed=3), plain) > 1e-3
+    for name, patched in (("pag", pag(model, "auto")), ("seg", seg(model, "auto")), ("sag", sag(model, "auto")),
+                          ("sag+pag", sag(pag(model, "block.3"), "block.3")), ("uncond seg", seg_uncond(model, "auto"))):
+        out = sample(patched, positive, negative, start, steps=2, cfg=3.5, seed=3)
+        assert torch.isfinite(out).all()
+        assert rel_err(out, plain) > (1e-6 if "seg" in name else 1e-3), name

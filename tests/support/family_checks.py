@@ -52,10 +52,11 @@ def chosen(family, spec):
     return block
 
 
-def assert_batch_rows_guided_independently(family, node, block):
-    """``node`` (pag or sag) at ``block`` on a batch of two gives each row what it gives that row alone."""
+def assert_batch_rows_guided_independently(family, node, block, hw=(8, 10)):
+    """``node`` (pag or sag) at ``block`` on a batch of two ``hw`` latents gives each row what it gives that row
+    alone."""
     model = tiny(family)
-    x, sigma = latent(family, batch=2)
+    x, sigma = latent(family, hw=hw, batch=2)
     positive, negative = make_dit_conditioning(family, batch=2, seed=10)
     patched = node(model, block)
     both = denoise_once(patched, positive, negative, x, sigma, 4.0)
