@@ -481,10 +481,7 @@ def test_wan22_animate_is_guided_as_wan_with_its_pose_latents():
 
 
 REFUSED = {  # the host's config, its unet_config and what the refusal must say
-    "WAN22_S2V": ({"image_model": "wan2.1", "model_type": "s2v"}, "blocks are run without transformer_options"),
-    "HunyuanDiT": ({"image_model": "hydit"}, "called without transformer_options"),
-    "PixArtSigma": ({"image_model": "pixart_sigma"}, "called without transformer_options"),
-    "PixArtAlpha": ({"image_model": "pixart_alpha"}, "called without transformer_options"),
+    # (Wan 2.2 S2V, HunyuanDiT and PixArt, once refused here, are guided now: tests/test_tapped_families.py)
     "Stable_Cascade_C": ({"stable_cascade_stage": "c"}, "image and text tokens together"),
 }
 
