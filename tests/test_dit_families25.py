@@ -142,8 +142,10 @@ def test_the_hunyuan_models_are_told_apart_by_config_name_and_by_structure():
 
 
 @pytest.mark.parametrize("config_name, unet_config, model_name", [
-    ("PixArtSigma", {"image_model": "pixart_sigma"}, "PixArt"), ("PixArtAlpha", {"image_model": "pixart_alpha"}, "PixArt"),
-    ("HunyuanDiT", {"image_model": "hydit"}, "HunyuanDiT"), ("HunyuanDiT1", {"image_model": "hydit1"}, "HunyuanDiT")])
+    ("PixArtSigma", {"image_model": "pixart_sigma"}, "PixArt"),
+    ("PixArtAlpha", {"image_model": "pixart_alpha"}, "PixArt"),
+    ("HunyuanDiT", {"image_model": "hydit"}, "HunyuanDiT"),
+    ("HunyuanDiT1", {"image_model": "hydit1"}, "HunyuanDiT")])
 def test_the_families_once_left_out_are_recognised_and_listed(config_name, unet_config, model_name):
     # PixArt and HunyuanDiT, refused until the pack read their attention at its submodules, are recognised now
     # (their guidance: tests/test_tapped_families.py); a model the pack never guides lists them with the new ones

@@ -279,6 +279,12 @@ def test_pag_chained_with_sag_on_the_same_block_keeps_its_values(family, order):
     x, sigma = latent(family, hw=HW[family])
     patched = pag(sag(model, spec), spec) if order == "sag then pag" else sag(pag(model, spec), spec)
     assert_pag_rows(family, patched, spec, positive, negative, x, sigma)
+    # and SAG maps what it maps alone (the negative's rows, which PAG leaves)
+    chained_mask, alone_mask = [], []
+    denoise_once(with_sag_mask_probe(patched, chained_mask.append), positive, negative, x, sigma, 4.0)
+    denoise_once(with_sag_mask_probe(sag(model, spec), alone_mask.append), positive, negative, x, sigma, 4.0)
+    assert 0 < alone_mask[0].mean() < 1
+    assert torch.equal(chained_mask[0], alone_mask[0])
 
 
 # --- block names, recognition and defaults on the full-size architectures ----------------------------------
@@ -310,7 +316,8 @@ FULL_SIZE = {
                     lambda: HunyuanDiT2DModel(**HUNYUAN_DIT_DIFFUSERS), 40, "HunyuanDiT", ("block.14", "block.14"),
                     "HunyuanDiTPAGPipeline"),
     "hunyuan_dit1": (comfy.supported_models.HunyuanDiT1, comfy.model_base.HunyuanDiT, HUNYUAN_DIT1_FULL,
-                     lambda: HunyuanDiT2DModel(**HUNYUAN_DIT_DIFFUSERS), 40, "HunyuanDiT", ("block.14", "block.14"), "HunyuanDiTPAGPipeline"),
+                     lambda: HunyuanDiT2DModel(**HUNYUAN_DIT_DIFFUSERS), 40, "HunyuanDiT", ("block.14", "block.14"),
+                     "HunyuanDiTPAGPipeline"),
     # diffusers has no S2V model; its blocks are Wan's, named as in diffusers' Wan transformer
     "wan22_s2v": (comfy.supported_models.WAN22_S2V, comfy.model_base.WAN22_S2V, WAN_S2V_FULL,
                   lambda: WanTransformer3DModel(num_layers=40), 40, "Wan S2V", ("block.10", "block.10"), "WanVideoSLG"),
@@ -368,7 +375,8 @@ def test_full_size_defaults_name_blocks_with_a_source(which):
     for method in ("pag", "seg", "sag"):
         assert [block.index_name for block in layout.select(layout.resolve("auto", method))] == [pag_default]
     assert FULL_SIZE[which][7] in layout.default_source("pag")
-    assert "SAG" in layout.default_source("sag") and "no" in layout.default_source("sag")
+    assert ("no published SAG setting" if which == "wan22_s2v" else "none published for SAG") in \
+        layout.default_source("sag")
     # the narrow test models have the full-size depths and so the same defaults
     tiny_layout = recognise(tiny(family_of(which)), "test").layout
     assert (tiny_layout.default_layers("pag"), tiny_layout.default_layers("sag")) == (pag_default, sag_default)
@@ -743,7 +751,27 @@ def test_wan_s2v_with_its_reference_image_samples_with_every_method(kind):
     # the reference (and the motion frames) are used: without them the sample is another
     assert rel_err(sample(model, *conditioning(family, seed=12), start, steps=2, cfg=3.5, seed=3), plain) > 1e-3
     for name, patched in (("pag", pag(model, "auto")), ("seg", seg(model, "auto")), ("sag", sag(model, "auto")),
-                          ("sag+pag", sag(pag(model, "block.3"), "block.3")), ("uncond seg", seg_uncond(model, "auto"))):
+                          ("sag+pag", sag(pag(model, "block.3"), "block.3")),
+                          ("uncond seg", seg_uncond(model, "auto"))):
         out = sample(patched, positive, negative, start, steps=2, cfg=3.5, seed=3)
         assert torch.isfinite(out).all()
         assert rel_err(out, plain) > (1e-6 if "seg" in name else 1e-3), name
+
+
+@pytest.mark.parametrize("order", ["seg then pag", "pag then seg"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pag_chained_with_seg_on_the_same_block_keeps_its_effect(family, order):
+    # SEG at a scale too small to matter, on the same block before or after PAG: PAG's guidance is PAG's alone (the
+    # node above hands the rows it does not compute, in one call or several, to the one below)
+    model = tiny(family)
+    positive, negative = conditioning(family, seed=13)
+    x, sigma = latent(family, hw=HW[family])
+    spec = EFFECT_BLOCK[family]
+    plain = denoise_once(model, positive, negative, x, sigma, 4.0)
+    alone = denoise_once(pag(model, spec), positive, negative, x, sigma, 4.0)
+    tiny_seg = lambda m: seg(m, spec, scale=1e-4)  # noqa: E731
+    patched = pag(tiny_seg(model), spec) if order == "seg then pag" else tiny_seg(pag(model, spec))
+    with count_forwards(patched) as forwards:
+        chained = denoise_once(patched, positive, negative, x, sigma, 4.0)
+    assert [len(f.cond_or_uncond) for f in forwards] == [4]  # CFG's and both copies in one forward
+    assert rel_err(chained - plain, alone - plain) < 1e-2
