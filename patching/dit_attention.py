@@ -288,10 +288,14 @@ def install_dit_handler(model, dit: DiTModel, blocks: list[DiTBlock], handler: H
             if isinstance(mark, VideoBlockMark):
                 # the block's first call with as many queries and keys as video tokens is its self-attention;
                 # the cross-attention to the text (and to image embeddings) that follows is left alone
-                if mark.self_attention_done or call.length != mark.tokens or call.key_length != mark.tokens:
+                if not mark.is_self_attention(call.length, call.key_length):
                     return previous(func, *args, **kwargs)
-                mark.self_attention_done = True
-                return handler(call)
+                mark.started = True
+                mark.handling += 1
+                try:
+                    return handler(call)
+                finally:
+                    mark.handling -= 1
             if isinstance(mark, GridBlockMark):
                 # the block's attention: as many queries as its input has pixels, keys those and then the text
                 if call.length != math.prod(mark.grid) or call.key_length < call.length:

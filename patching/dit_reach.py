@@ -98,13 +98,20 @@ class GridBlockMark:
 
 
 class VideoBlockMark:
-    """A video DiT block running now: its space-time token count, and whether its self-attention (the
-    block's first attention call) has run yet."""
+    """A video DiT block running now: its space-time token count, and where its self-attention (the block's
+    first attention call over that many queries and keys) stands: ``started`` once an override took it,
+    ``handling`` while overrides are handling it. The overrides of chained nodes share the one mark the block
+    runs with: an override below another sees each call the one above makes for the self-attention (one, or
+    several for parts of its rows) as the self-attention too, and every later call as not."""
 
     def __init__(self, block: DiTBlock, tokens: int):
         self.block = block
         self.tokens = tokens
-        self.self_attention_done = False
+        self.started = False
+        self.handling = 0
+
+    def is_self_attention(self, length: int, key_length: int) -> bool:
+        return length == self.tokens and key_length == self.tokens and (self.handling > 0 or not self.started)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

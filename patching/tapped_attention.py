@@ -8,11 +8,15 @@ the host's attention output, with what our handler computes from the recorded qu
 handler sees a ``DiTAttention`` as under the override: rows it does not perturb go through the override the
 model had when the node ran (or the host's attention), with the forward's own transformer_options
 (``dit_reach.record_forward_options``). The host's own attention output is computed too and dropped: one more
-attention in each chosen block.
+attention in each chosen block. Where an earlier node already guides the same module, the later one takes its place
+on the output projection and hands the rows it does not compute to the earlier one's handler, as chained attention
+overrides do (``_Tapped``).
 """
 from __future__ import annotations
 
 import contextvars
+import dataclasses
+from typing import Callable
 
 from comfy.ldm.modules.attention import optimized_attention
 
@@ -73,6 +77,9 @@ def _guided_output(path: str, module, block, dit: DiTModel, handler: Handler, pr
         # and its call of the attention function goes straight to it
         values = {"q": q, "k": k, "v": v, "heads": q.shape[1], "skip_reshape": True,
                   "transformer_options": record.options, "_inside_attn_wrapper": True}
+        precision = getattr(module, "attn_precision", None)  # HunyuanDiT's: float32 (the host's unet_extra_config)
+        if precision is not None:
+            values["attn_precision"] = precision
         return handler(DiTAttention(previous_override, optimized_attention, values, 4, block=block, model=dit,
                                     text_tokens=0, joint=True))
 
@@ -85,6 +92,43 @@ def _guided_output(path: str, module, block, dit: DiTModel, handler: Handler, pr
         return previous(guided.reshape(host_output.shape).to(host_output.dtype), *args[1:], **kwargs)
 
     return run
+
+
+_TAPPED = "attention_guidance_tapped"  # the attribute of our object patch on an output projection
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tapped:
+    """What our object patch on an output projection keeps for a later node on the same module: its handler as the
+    attention override that node's other rows go through, and the projection's forward below the patch."""
+
+    as_override: Callable
+    below: Callable
+
+
+def _as_override(handler: Handler, block, dit: DiTModel, previous_override):
+    def attention_guidance_tapped(func, q, k, v, heads, **kwargs):
+        values = {"q": q, "k": k, "v": v, "heads": heads, **kwargs}
+        return handler(DiTAttention(previous_override, func, values, 4, block=block, model=dit, text_tokens=0,
+                                    joint=True))
+
+    return attention_guidance_tapped
+
+
+def _patch_output(model, path: str, module, block, dit: DiTModel, handler: Handler, previous_override) -> None:
+    key = f"diffusion_model.{path}.{dit.reach.taps.output}.forward"
+    below = model.get_model_object(key)
+    earlier = getattr(below, _TAPPED, None)
+    if earlier is not None:  # an earlier node guides this attention: the rows we do not compute go through it
+        previous_override, below = earlier.as_override, earlier.below
+    run = outside_compiled(_guided_output(path, module, block, dit, handler, previous_override), whole=False)
+
+    def attention_guidance_forward(*args, **kwargs):
+        return run(below, args, kwargs)
+
+    patched = outside_compiled(attention_guidance_forward, whole=False)
+    setattr(patched, _TAPPED, _Tapped(_as_override(handler, block, dit, previous_override), below))
+    model.add_object_patch(key, patched)
 
 
 def install_tapped_handler(model, dit: DiTModel, blocks: list, handler: Handler, previous_override) -> None:
@@ -104,8 +148,7 @@ def install_tapped_handler(model, dit: DiTModel, blocks: list, handler: Handler,
         patch_block_forward(model, path, _open_record(path))
         for name in taps.recorded:
             patch_block_forward(model, f"{path}.{name}", _keep_output(path, name))
-        patch_block_forward(model, f"{path}.{taps.output}", _guided_output(path, module, block, dit, handler,
-                                                                          previous_override))
+        _patch_output(model, path, module, block, dit, handler, previous_override)
 
 
 

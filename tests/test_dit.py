@@ -297,14 +297,15 @@ def test_node_errors_name_the_input_and_the_blocks():
 
 @pytest.mark.parametrize("node", ["Perturbed-Attention Guidance", "Self-Attention Guidance"])
 def test_a_family_that_cannot_be_patched_is_refused_by_name(node):
-    # HunyuanDiT (AuraFlow was the example until the pack learned it)
-    hydit = comfy.supported_models.HunyuanDiT({"image_model": "hydit"}).get_model({}, device="meta")
+    # Hunyuan3D 2 (a shape model the pack never guides; AuraFlow, then HunyuanDiT were the example until the pack
+    # learned them)
+    hunyuan3d = comfy.supported_models.Hunyuan3Dv2({"image_model": "hunyuan3d2"}).get_model({}, device="meta")
     cpu = torch.device("cpu")
-    patcher = comfy.model_patcher.ModelPatcher(hydit, load_device=cpu, offload_device=cpu)
+    patcher = comfy.model_patcher.ModelPatcher(hunyuan3d, load_device=cpu, offload_device=cpu)
     with pytest.raises(UnsupportedModelError) as error:
         recognise(patcher, node)
     message = str(error.value)
-    assert node in message and "HunyuanDiT" in message and "nothing" in message
+    assert node in message and "Hunyuan3Dv2" in message and "nothing" in message
     assert all(family in message for family in ("SD1.x", "SDXL", "SD3", "Flux", "Chroma", "Qwen-Image", "Z-Image",
                                                 "Lumina 2", "HiDream"))
     with pytest.raises(UnsupportedModelError):

@@ -481,10 +481,8 @@ def test_wan22_animate_is_guided_as_wan_with_its_pose_latents():
 
 
 REFUSED = {  # the host's config, its unet_config and what the refusal must say
-    "WAN22_S2V": ({"image_model": "wan2.1", "model_type": "s2v"}, "blocks are run without transformer_options"),
-    "HunyuanDiT": ({"image_model": "hydit"}, "called without transformer_options"),
-    "PixArtSigma": ({"image_model": "pixart_sigma"}, "called without transformer_options"),
-    "PixArtAlpha": ({"image_model": "pixart_alpha"}, "called without transformer_options"),
+    # (Wan 2.2 S2V, HunyuanDiT, PixArt and Stable Cascade, once refused here, are guided now)
+    "Hunyuan3Dv2": ({"image_model": "hunyuan3d2"}, "audio or 3-D shapes"),
 }
 
 

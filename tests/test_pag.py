@@ -307,10 +307,13 @@ def test_an_unsupported_dit_model_is_refused_by_name():
     import comfy.model_patcher
     import comfy.supported_models
 
-    # HunyuanDiT (AuraFlow was the example until the pack learned it)
-    hydit = comfy.supported_models.HunyuanDiT({"image_model": "hydit"}).get_model({}, device="meta")
+    # Hunyuan3D 2 (a shape model the pack never guides; AuraFlow, then HunyuanDiT were the example until the pack
+    # learned them)
+    hunyuan3d = comfy.supported_models.Hunyuan3Dv2({"image_model": "hunyuan3d2"}).get_model({}, device="meta")
     cpu = torch.device("cpu")
-    patcher = comfy.model_patcher.ModelPatcher(hydit, load_device=cpu, offload_device=cpu)
+    patcher = comfy.model_patcher.ModelPatcher(hunyuan3d, load_device=cpu, offload_device=cpu)
     with pytest.raises(UnsupportedModelError) as error:
         pag(patcher)
-    assert "HunyuanDiT" in str(error.value) and "SD1.x" in str(error.value) and "Flux" in str(error.value)
+    message = str(error.value)
+    assert "Hunyuan3Dv2" in message and "SD1.x" in message and "Flux" in message
+    assert "PixArt" in message and "HunyuanDiT" in message  # supported now

@@ -518,4 +518,4 @@ def test_sag_says_it_cannot_map_a_wan_sequence_with_reference_tokens_and_pag_gui
     with pytest.raises(RuntimeError) as error:
         denoise_once(sag(model, "block.1"), positive, negative, x, sigma, 4.0)
     message = str(error.value)
-    assert "block.1 attends over 64 tokens, not the 3x4x4 video tokens" in message and "Use PAG" in message
+    assert "block.1 attends over 64 tokens, not the 3x4x4 tokens of the latent" in message and "Use PAG" in message
