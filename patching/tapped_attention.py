@@ -137,6 +137,11 @@ def install_tapped_handler(model, dit: DiTModel, blocks: list, handler: Handler,
     for block in blocks:
         path = f"{block.host_name}.{taps.attention}"
         module = model.get_model_object(f"diffusion_model.{path}")
+        missing = [name for name in (*taps.recorded, taps.output) if not hasattr(module, name)]
+        if missing:
+            raise ValueError(f"Attention guidance cannot guide this {dit.family} model: the self-attention of "
+                             f"{block.index_name} ({path}) has no {', '.join(missing)}, which this ComfyUI builds "
+                             "otherwise than the pack knows. Update the pack, or remove the node for this model.")
         reason = taps.check(module)
         if reason is not None:
             raise ValueError(f"Attention guidance cannot guide {block.index_name} of this {dit.family} model: {reason}. "

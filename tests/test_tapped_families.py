@@ -28,7 +28,7 @@ from attention_guidance.nodes.seg import SmoothedEnergyGuidance
 from attention_guidance.patching.families import recognise
 from attention_guidance.patching.options import GUIDANCE_OPTIONS, LATENT_HW, chunk_ids
 from attention_guidance.patching.sag import with_sag_mask_probe
-from support.dit_models import DIT_CONFIGS, count_forwards, empty_dit_latent, make_dit_conditioning
+from support.dit_models import DIT_CONFIGS, build_dit, count_forwards, empty_dit_latent, make_dit_conditioning
 from support.dit_models import tiny_dit as tiny
 from support.family_checks import (
     assert_batch_rows_guided_independently, chosen, latent, pag, recording, rel_err, sag, seg,
@@ -691,6 +691,17 @@ def test_a_pixart_block_with_kv_compression_is_refused_by_name(node):
     plain = sample(model, positive, negative, start, steps=2, cfg=3.5, seed=3)
     out = sample(apply(model, "block.13"), positive, negative, start, steps=2, cfg=3.5, seed=3)
     assert torch.isfinite(out).all() and rel_err(out, plain) > 1e-6
+
+
+def test_an_attention_built_otherwise_than_the_pack_knows_is_refused_saying_so():
+    """A host whose PixArt self-attention lacks a submodule the pack reads (as a future ComfyUI might build it)."""
+    model = build_dit("pixart", seed=0)
+    del model.model.diffusion_model.blocks[14].attn.q_norm
+    with pytest.raises(ValueError) as error:
+        pag(model, "block.14")
+    message = str(error.value)
+    assert "blocks.14.attn" in message and "q_norm" in message and "Update the pack" in message, message
+    assert not model.object_patches
 
 
 # --- which attention calls are reached -----------------------------------------------------------------------
