@@ -447,10 +447,10 @@ class DiTLayout(DefaultLayers):
             spec,
             self.sites,
             self._match,
-            f"The layer spec is empty. Name at least one transformer block, e.g. '{self._examples()[0]}'. "
+            f"The layer spec is empty. Name at least one attention block, e.g. '{self._examples()[0]}'. "
             f"This {self.family} model has:\n{self.describe()}",
-            lambda entry: f"Layer '{entry}' does not exist in this {self.family} model, which has transformer "
-            f"blocks, not UNet layers. Use one of these blocks (short, diffusers or host spelling; ranges such as "
+            lambda entry: f"Layer '{entry}' does not exist in this {self.family} model, whose attention blocks are "
+            f"named as below, not as UNet layers. Use one of them (short, diffusers or host spelling; ranges such as "
             f"'{self._examples()[1]}'; comma-separate several):\n{self.describe()}",
         )
 

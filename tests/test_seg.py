@@ -305,5 +305,5 @@ def test_errors_name_the_input_and_the_fix():
         seg(model, blur_sigma=0.1)
     with pytest.raises(ValueError, match=r"start_percent \(0.8\) is after end_percent \(0.2\)"):
         seg(model, start_percent=0.8, end_percent=0.2)
-    with pytest.raises(LayerSpecError, match=r"^SEG layers: .*transformer blocks"):
+    with pytest.raises(LayerSpecError, match=r"^SEG layers: .*not as UNet layers"):
         seg(tiny("flux"), layers="mid")
