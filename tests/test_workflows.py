@@ -31,7 +31,7 @@ from support.workflow_convert import (FRONTEND_ONLY_TYPES, WorkflowError, check_
 
 EXPECTED_EXAMPLES = EXECUTED_EXAMPLES | {"sdxl_pag_cfg", "sd3_pag_cfg", "flux_dev_pag", "sdxl_seg_pag", "z_image_turbo_pag",
                                          "wan21_t2v_pag", "cosmos_predict2_anima_pag", "wan22_t2v_14b_pag_uncond",
-                                         "mochi_seg_uncond"}
+                                         "mochi_seg_uncond", "pixart_sigma_pag"}
 NAMES = example_names()
 MODEL_LOADER_INPUTS = {"CheckpointLoaderSimple": ("ckpt_name",), "ControlNetLoader": ("control_net_name",),
                        "UNETLoader": ("unet_name",), "DualCLIPLoader": ("clip_name1", "clip_name2"),
@@ -47,6 +47,7 @@ MODEL_ARCHITECTURES = {
     "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors": "wan22_t2v_14b",
     "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors": "wan22_t2v_14b",
     "mochi_preview_bf16.safetensors": "mochi_preview",
+    "PixArt-Sigma-XL-2-1024-MS.pth": "pixart_sigma_xl2_1024",
 }
 MODEL_OUTPUT_LOADERS = {"CheckpointLoaderSimple": "ckpt_name", "UNETLoader": "unet_name"}
 SEMVER = re.compile(r"^\d+\.\d+\.\d+$")

@@ -70,6 +70,8 @@ WAN22_T2V_HIGH_NOISE = "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors"
 WAN22_T2V_LOW_NOISE = "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors"
 MOCHI = "mochi_preview_bf16.safetensors"
 MOCHI_VAE = "mochi_vae.safetensors"
+PIXART_SIGMA_1024 = "PixArt-Sigma-XL-2-1024-MS.pth"
+SDXL_VAE = "sdxl_vae.safetensors"
 NEGATIVE = "blurry, low quality, deformed, watermark, text"
 
 
@@ -619,6 +621,41 @@ def workflows() -> list[Workflow]:
                      {"filename_prefix": "mochi_seg_uncond", "fps": 30.0, "lossless": False, "quality": 90,
                       "method": "default"},
                      {"images": ("decode", 0)}, size=(420, 470)),
+            ],
+        ),
+        Workflow(
+            "pixart_sigma_pag", "PixArt Sigma XL-2 1024-MS + PAG",
+            "Perturbed-Attention Guidance on PixArt Sigma XL-2 1024-MS, added to CFG.\n\n"
+            "In the chosen block the perturbed copy's self-attention is the identity: every image token attends "
+            "only to itself; the block's cross-attention to the T5 prompt is untouched. The copy is batched with "
+            "the positive and negative predictions where memory allows. ComfyUI runs PixArt's self-attention "
+            "without the hooks other models have, so the node computes the chosen block's attention once more per "
+            "step.\n\n"
+            "Settings: layers 'auto' is PixArt's default, block.14 of its 28 blocks, the block of diffusers' "
+            "PixArt-Sigma PAG example (PixArtSigmaPAGPipeline, which uses PAG scale 4; the log names the block at "
+            "the first step). PAG scale 3, the paper's, with CFG 4.5, the PixArt Sigma pipeline's default; "
+            "20 steps of dpmpp_2m / normal, the DPM-Solver++ 2M of its default scheduler (no Karras sigmas), "
+            "1024x1024. Nothing here is tuned: a starting point.\n\n"
+            f"{COMPARE}\n\nModels: {PIXART_SIGMA_1024} in models/diffusion_models (a safetensors conversion of it "
+            f"loads the same), {FLUX_T5} in models/text_encoders, {SDXL_VAE} in models/vae.",
+            [
+                note(size=(400, 440)),
+                Node("unet", "UNETLoader", (20, 500), {"unet_name": PIXART_SIGMA_1024, "weight_dtype": "default"},
+                     size=(380, 90)),
+                Node("clip", "CLIPLoader", (20, 630), {"clip_name": FLUX_T5, "type": "pixart", "device": "default"},
+                     size=(380, 110)),
+                Node("vae", "VAELoader", (20, 780), {"vae_name": SDXL_VAE}, size=(380, 60)),
+                pag(pos=(460, 20), model=("unet", 0), scale=3.0, layers="auto", adaptive_scale=0.0,
+                    start_percent=0.0, end_percent=1.0, rescale=0.0),
+                Node("positive", "CLIPTextEncode", (460, 270),
+                     {"text": "an insect robot preparing a delicious meal, anime style"},
+                     {"clip": ("clip", 0)}, title="Positive prompt", size=(400, 170)),
+                Node("negative", "CLIPTextEncode", (460, 490), {"text": NEGATIVE}, {"clip": ("clip", 0)},
+                     title="Negative prompt", size=(400, 130)),
+                empty_latent(1024, 1024, pos=(460, 670)),
+                sampler(("pag", 0), ("positive", 0), ("negative", 0), ("latent", 0), steps=20, cfg=4.5,
+                        sampler_name="dpmpp_2m", scheduler="normal"),
+                *decode_and_save("pixart_sigma_pag", vae=("vae", 0)),
             ],
         ),
     ]

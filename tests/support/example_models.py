@@ -10,7 +10,7 @@ is a link to a tiny random model of the same architecture family:
   masked image), which the host detects as an inpainting model;
 - the SD1.5 canny ControlNet: a ControlNet with the tiny UNet's layout, built from the host's own
   ``comfy.cldm.cldm.ControlNet`` and saved in the original ``control_model.*`` layout;
-- files of architectures without a tiny stand-in (SDXL, SD3, Flux, Wan, Cosmos Predict2, Mochi and their text
+- files of architectures without a tiny stand-in (SDXL, SD3, Flux, Wan, Cosmos Predict2, Mochi, PixArt Sigma and their text
   encoders and VAEs): a
   link to the tiny SD1.5 checkpoint. The server validates names, not contents, so such a workflow
   passes ``/prompt`` validation, but what then runs is an SD1.5-layout file: it is validated, not
@@ -59,6 +59,8 @@ EXAMPLE_MODEL_FILES = {
     "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors": ("diffusion_models", "name_only"),
     "mochi_preview_bf16.safetensors": ("diffusion_models", "name_only"),
     "mochi_vae.safetensors": ("vae", "name_only"),
+    "PixArt-Sigma-XL-2-1024-MS.pth": ("diffusion_models", "name_only"),
+    "sdxl_vae.safetensors": ("vae", "name_only"),
     "control_v11p_sd15_canny.safetensors": ("controlnet", "sd15_controlnet"),
 }
 REAL_ARCHITECTURE_KINDS = {"sd15", "sd15_inpainting", "sd15_controlnet"}

@@ -72,8 +72,15 @@ MOCHI_PREVIEW = dict(
     timestep_scale=1000.0, use_t5=True, t5_feat_dim=4096, t5_token_length=256, rope_theta=10000.0,
 )
 
+# PixArt Sigma XL-2 1024-MS: 28 blocks of width 1152, 16 heads, 300 T5 tokens, no micro-conditioning (the host
+# tells Sigma from Alpha by the missing aspect-ratio embedder); a 128-latent position grid at interpolation 2.
+PIXART_SIGMA_XL2_1024 = dict(
+    image_model="pixart_sigma", num_heads=16, patch_size=2, hidden_size=1152, in_channels=4, depth=28,
+    model_max_length=300, input_size=128, pe_interpolation=2, micro_condition=False,
+)
+
 ARCHITECTURES = ("sd15", "sdxl", "sd3_medium", "flux_dev", "z_image", "wan21_t2v_1.3b", "cosmos_predict2_2b",
-                 "wan22_t2v_14b", "mochi_preview")
+                 "wan22_t2v_14b", "mochi_preview", "pixart_sigma_xl2_1024")
 
 
 def meta_model(architecture: str):
@@ -97,6 +104,8 @@ def meta_model(architecture: str):
                                                         device="meta"),
         "mochi_preview": lambda: comfy.model_base.GenmoMochi(comfy.supported_models.GenmoMochi(dict(MOCHI_PREVIEW)),
                                                              device="meta"),
+        "pixart_sigma_xl2_1024": lambda: comfy.model_base.PixArt(
+            comfy.supported_models.PixArtSigma(dict(PIXART_SIGMA_XL2_1024)), device="meta"),
     }
     if architecture not in builders:
         raise ValueError(f"unknown architecture {architecture!r}; one of {', '.join(ARCHITECTURES)}")
