@@ -46,3 +46,24 @@ from comfy.cli_args import args as _comfy_args  # noqa: E402
 # the tests run on the CPU; tests/benchmarks/bench_guidance.py sets AG_HOST_DEVICE=cuda where there is a GPU
 _comfy_args.cpu = os.environ.get("AG_HOST_DEVICE", "cpu") == "cpu"
 _load_pack()
+
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "without_autograd: run the module's tests under torch.no_grad(), as ComfyUI "
+                            "runs a prompt")
+
+
+@pytest.fixture(autouse=True)
+def _without_autograd_where_marked(request):
+    """Modules marked ``without_autograd`` (``pytestmark``) run as ComfyUI runs a prompt, keeping no autograd graph:
+    their model stacks are long (up to 54 blocks), and with autograd on what the host and the tests keep between
+    tests adds up to gigabytes in the one process of the whole suite."""
+    if request.node.get_closest_marker("without_autograd") is None:
+        yield
+        return
+    with torch.no_grad():
+        yield

@@ -19,10 +19,7 @@ TEXT_TOKENS = 7  # make_dit_conditioning's Qwen2.5-VL tokens (no glyph tokens)
 BLOCK = "double.5"
 
 
-@pytest.fixture(autouse=True)
-def _without_autograd():
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.without_autograd  # as ComfyUI runs a prompt (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

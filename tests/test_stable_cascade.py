@@ -31,11 +31,7 @@ from support.models import denoise_once, sample
 from support.seg_reference import direct_query_blur
 
 
-@pytest.fixture(autouse=True)
-def _without_autograd():
-    """As ComfyUI runs a prompt: no autograd graph (the stacks run 64 and 136 attention calls a forward)."""
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.without_autograd  # as ComfyUI runs a prompt (tests/conftest.py)
 
 
 STAGES = ["stable_cascade_c", "stable_cascade_b"]

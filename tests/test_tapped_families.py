@@ -36,13 +36,7 @@ from support.family_checks import (
 from support.models import denoise_once, initialise_weights, sample
 
 
-@pytest.fixture(autouse=True)
-def _without_autograd():
-    """As ComfyUI runs a prompt (under inference mode): no autograd graph. These stacks are long (up to 40
-    blocks); with autograd on, what the host and the tests keep between tests adds up to gigabytes in the one
-    process of the whole suite."""
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.without_autograd  # as ComfyUI runs a prompt (tests/conftest.py)
 
 
 FAMILIES = ["pixart", "hunyuan_dit", "wan22_s2v"]
