@@ -269,20 +269,14 @@ def _mark_joint_block(block: DiTBlock, text_tokens_of: Callable[[dict], int] = _
     return run
 
 
-def _install_joint_marks(model, blocks) -> None:
-    for block in blocks:
-        replace_block(model, "double_block", block.index, _mark_joint_block(block))
-
-
 def joint_block_marks(*, token_grid=patch_grid, token_order: TokenOrder = TokenOrder.TEXT_FIRST, frames: bool = False,
-                      text_tokens_of: Callable[[dict], int] | None = None) -> DiTReach:
+                      text_tokens_of: Callable[[dict], int] = _text_stream_tokens) -> DiTReach:
     """``text_tokens_of(args)``: the text tokens the block's attention takes, from its replacement's arguments
     (default: all of the ``txt`` stream's)."""
-    install = _install_joint_marks
-    if text_tokens_of is not None:
-        def install(model, blocks) -> None:
-            for block in blocks:
-                replace_block(model, "double_block", block.index, _mark_joint_block(block, text_tokens_of))
+
+    def install(model, blocks) -> None:
+        for block in blocks:
+            replace_block(model, "double_block", block.index, _mark_joint_block(block, text_tokens_of))
 
     return DiTReach(mechanism="a block replacement on each chosen block names it and carries its text and image "
                     "token counts", locate=_locate_joint, install=install, token_grid=token_grid,
@@ -369,6 +363,20 @@ def _locate_object_marked(options: dict) -> Located:
     return Located(block, None if image_stream is None else -image_stream)
 
 
+def _run_marked(options: dict, key: str, mark, previous, args, kwargs):
+    """``previous(*args, **kwargs)`` with ``mark`` under our ``key`` in ``options``, in place (the dict is this
+    forward's own, handed to every block, and what a block inside writes there must stay); the mark is taken off
+    when it returns. Like the patches that call it, never traced where the model is compiled (``previous`` is)."""
+    options[GUIDANCE_OPTIONS] = {**options.get(GUIDANCE_OPTIONS, {}), key: mark}
+    try:
+        return previous(*args, **kwargs)
+    finally:
+        options[GUIDANCE_OPTIONS] = {k: v for k, v in options[GUIDANCE_OPTIONS].items() if k != key}
+
+
+_run_marked = outside_compiled(_run_marked, whole=False)
+
+
 def _mark_block(block: DiTBlock):
     """Run the block with its transformer_options naming it. In place, as the host sets block_index: the
     dict is this forward's own, and what a block inside writes there (the image stream) must stay."""
@@ -377,11 +385,7 @@ def _mark_block(block: DiTBlock):
         options = kwargs.get("transformer_options")
         if options is None:
             return previous(*args, **kwargs)
-        options[GUIDANCE_OPTIONS] = {**options.get(GUIDANCE_OPTIONS, {}), MARKED_BLOCK: block}
-        try:
-            return previous(*args, **kwargs)
-        finally:
-            options[GUIDANCE_OPTIONS] = {k: v for k, v in options[GUIDANCE_OPTIONS].items() if k != MARKED_BLOCK}
+        return _run_marked(options, MARKED_BLOCK, block, previous, args, kwargs)
 
     return run
 
@@ -442,11 +446,7 @@ def _mark_video_block_forward(block: DiTBlock, count_tokens: Callable = _batch_f
         if options is None or tokens is None:
             return previous(*args, **kwargs)
         mark = VideoBlockMark(block, count_tokens(tokens))
-        options[GUIDANCE_OPTIONS] = {**options.get(GUIDANCE_OPTIONS, {}), VIDEO_BLOCK: mark}
-        try:
-            return previous(*args, **kwargs)
-        finally:
-            options[GUIDANCE_OPTIONS] = {k: v for k, v in options[GUIDANCE_OPTIONS].items() if k != VIDEO_BLOCK}
+        return _run_marked(options, VIDEO_BLOCK, mark, previous, args, kwargs)
 
     return run
 
@@ -526,11 +526,7 @@ def _mark_grid_block(block: DiTBlock):
         if options is None or feature_map is None or feature_map.ndim != 4:
             return previous(*args, **kwargs)
         mark = GridBlockMark(block, (int(feature_map.shape[-2]), int(feature_map.shape[-1])))
-        options[GUIDANCE_OPTIONS] = {**options.get(GUIDANCE_OPTIONS, {}), GRID_BLOCK: mark}
-        try:
-            return previous(*args, **kwargs)
-        finally:
-            options[GUIDANCE_OPTIONS] = {k: v for k, v in options[GUIDANCE_OPTIONS].items() if k != GRID_BLOCK}
+        return _run_marked(options, GRID_BLOCK, mark, previous, args, kwargs)
 
     return run
 

@@ -25,9 +25,10 @@ DEFAULTS = {
 }
 
 
-def layout(config_name: str, depth: int) -> DiTLayout:
+def layout(config_name: str, depth: int, defaults=DEFAULTS) -> DiTLayout:
+    """Wan's blocks (also Wan S2V's, with its own ``defaults``)."""
     kinds = [BlockKind(name="block", count=depth, host_path="blocks", diffusers_path="blocks", diffusers_attention="attn1")]
-    return DiTLayout(family=config_name, kinds=kinds, defaults=DEFAULTS)
+    return DiTLayout(family=config_name, kinds=kinds, defaults=defaults)
 
 
 def recognise(diffusion_model, config_name: str) -> DiTLayout | None:

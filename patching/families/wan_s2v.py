@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from comfy.ldm.wan import model as wan_model
 
-from ...guidance_core.layer_spec import BlockKind, DiTLayout, LayerDefault, Method
+from ...guidance_core.layer_spec import DiTLayout, LayerDefault, Method
 from ..dit_reach import video_object_patch_marks
+from . import wan
 from .family import Family, KnownModel
 
 # No one has published PAG or SAG settings for Wan S2V; the block is that of Wan's published attention-skip guidance.
@@ -26,8 +27,7 @@ DEFAULTS = {
 
 
 def layout(config_name: str, depth: int) -> DiTLayout:
-    kinds = [BlockKind(name="block", count=depth, host_path="blocks", diffusers_path="blocks", diffusers_attention="attn1")]
-    return DiTLayout(family=config_name, kinds=kinds, defaults=DEFAULTS)
+    return wan.layout(config_name, depth, DEFAULTS)
 
 
 def recognise(diffusion_model, config_name: str) -> DiTLayout | None:
