@@ -16,12 +16,13 @@ from attention_guidance.patching.families.hunyuan_video import (
     HUNYUAN_IMAGE21, HUNYUAN_VIDEO, HUNYUAN_VIDEO15, variant,
 )
 from attention_guidance.patching.sag import with_sag_mask_probe
-from support.dit_models import count_forwards, empty_dit_latent, make_dit_conditioning
+from support.dit_models import count_forwards, make_dit_conditioning
 from support.dit_models import tiny_dit as tiny
 from support.family_checks import (
-    assert_batch_rows_guided_independently, chosen, latent, pag, recording, rel_err, sag, seg, with_override,
+    assert_batch_rows_guided_independently, assert_every_method_guides_a_sampled_latent, chosen, expected_sag_mask,
+    latent, pag, recording, rel_err, sag, seg, with_override,
 )
-from support.models import denoise_once, sample
+from support.models import denoise_once
 
 
 pytestmark = pytest.mark.without_autograd  # as ComfyUI runs a prompt (tests/conftest.py)
@@ -243,14 +244,6 @@ def test_pag_reaches_only_the_self_attention_of_the_chosen_blocks(family):
 
 # --- SAG: the key mass of the image tokens of the chosen block ----------------------------------------------
 
-def _expected_mask(q, k, image, grid, latent_hw):
-    probs = (q.double() @ k.double().transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)[:, :, image, image]
-    probs = probs / probs.sum(-1, keepdim=True)
-    mass = probs.mean(1).sum(1)  # [B, image tokens]
-    frames = (mass > 1.0).double().reshape(-1, 1, *grid[-2:])  # one mask per frame
-    return F.interpolate(frames, size=latent_hw, mode="nearest").float()
-
-
 @pytest.mark.parametrize("latent_hw", [(8, 10), (6, 12)])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sag_mask_is_the_key_mass_of_the_image_tokens_of_the_chosen_block(family, latent_hw):
@@ -275,7 +268,7 @@ def test_sag_mask_is_the_key_mass_of_the_image_tokens_of_the_chosen_block(family
     assert args[0].shape[2] == tokens + TEXT_TOKENS.get(family, 0)
     uncond = options["cond_or_uncond"].index(1)  # SAG's reference under CFG
     q, k = args[0][uncond:uncond + 1], args[1][uncond:uncond + 1]
-    expected = _expected_mask(q, k, slice(0, tokens), grid, latent_hw)
+    expected = expected_sag_mask(q, k, slice(0, tokens), grid, latent_hw)
     assert kept[0].shape == (frames, 1, *latent_hw)
     assert 0 < kept[0].mean() < 1
     assert torch.equal(kept[0], expected)
@@ -285,19 +278,7 @@ def test_sag_mask_is_the_key_mass_of_the_image_tokens_of_the_chosen_block(family
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_method_guides_a_sampled_non_square_latent_and_stays_finite(family):
-    model = tiny(family)
-    positive, negative = make_dit_conditioning(family, batch=2, seed=8)
-    start = empty_dit_latent(model, (2, 16, 6, 10))
-    plain = sample(model, positive, negative, start, steps=3, cfg=3.5, seed=3)
-    for name, patched in (("pag", pag(model, "auto")), ("seg", seg(model, "auto")), ("sag", sag(model, "auto")),
-                          ("sag+pag", pag(sag(model, BLOCK[family]), BLOCK[family])), ("seg", seg(model, BLOCK[family]))):
-        out = sample(patched, positive, negative, start, steps=3, cfg=3.5, seed=3)
-        assert out.shape == plain.shape
-        assert torch.isfinite(out).all()
-        # SEG's blurred queries move a random-weight model's near-uniform attention far less than PAG's identity
-        # does (its size is checked against the equation below); PAG and SAG move the sample by more than 0.1 %
-        assert rel_err(out, plain) > (1e-6 if name == "seg" else 1e-3), name
-    assert torch.equal(sample(model, positive, negative, start, steps=3, cfg=3.5, seed=3), plain)  # model untouched
+    assert_every_method_guides_a_sampled_latent(family, BLOCK[family])
 
 
 def mean_queries_at(family, spec):

@@ -19,7 +19,8 @@ from attention_guidance.patching.sag import with_sag_mask_probe
 from support.dit_models import build_dit, count_forwards, empty_dit_latent, make_dit_conditioning, noisy_dit_latent
 from support.dit_models import tiny_dit as tiny
 from support.family_checks import (
-    assert_batch_rows_guided_independently, chosen, latent, pag, recording, rel_err, sag, seg, with_override,
+    assert_batch_rows_guided_independently, assert_every_method_guides_a_sampled_latent, chosen, expected_sag_mask,
+    latent, pag, recording, rel_err, sag, seg, with_override,
 )
 from support.models import denoise_once, sample
 
@@ -256,14 +257,6 @@ def test_pag_reaches_only_the_attention_of_the_chosen_blocks(family):
 
 # --- SAG: the key mass of the image tokens of the chosen block ----------------------------------------------
 
-def _expected_mask(q, k, image, grid, latent_hw):
-    probs = (q.double() @ k.double().transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)[:, :, image, image]
-    probs = probs / probs.sum(-1, keepdim=True)
-    mass = probs.mean(1).sum(1)  # [B, image tokens]
-    frames = (mass > 1.0).double().reshape(-1, 1, *grid[-2:])  # one mask per frame
-    return F.interpolate(frames, size=latent_hw, mode="nearest").float()
-
-
 @pytest.mark.parametrize("latent_hw", [(8, 10), (6, 12), (7, 9)])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sag_mask_is_the_key_mass_of_the_image_tokens_of_the_chosen_block(family, latent_hw):
@@ -282,7 +275,7 @@ def test_sag_mask_is_the_key_mass_of_the_image_tokens_of_the_chosen_block(family
     assert args[0].shape[2] == text + grid[0] * grid[1] * grid[2]
     uncond = options["cond_or_uncond"].index(1)  # SAG's reference under CFG
     q, k = args[0][uncond:uncond + 1], args[1][uncond:uncond + 1]
-    expected = _expected_mask(q, k, image_part(family, args[0].shape[2]), grid, latent_hw)
+    expected = expected_sag_mask(q, k, image_part(family, args[0].shape[2]), grid, latent_hw)
     assert kept[0].shape == (FRAMES[family], 1, *latent_hw)
     assert 0 < kept[0].mean() < 1
     assert torch.equal(kept[0], expected)
@@ -292,19 +285,7 @@ def test_sag_mask_is_the_key_mass_of_the_image_tokens_of_the_chosen_block(family
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_method_guides_a_sampled_non_square_latent_and_stays_finite(family):
-    model = tiny(family)
-    positive, negative = make_dit_conditioning(family, batch=2, seed=8)
-    start = empty_dit_latent(model, (2, 16, 6, 10))
-    plain = sample(model, positive, negative, start, steps=3, cfg=3.5, seed=3)
-    for name, patched in (("pag", pag(model, "auto")), ("seg", seg(model, "auto")), ("sag", sag(model, "auto")),
-                          ("sag+pag", pag(sag(model, BLOCK[family]), BLOCK[family])), ("seg", seg(model, BLOCK[family]))):
-        out = sample(patched, positive, negative, start, steps=3, cfg=3.5, seed=3)
-        assert out.shape == plain.shape
-        assert torch.isfinite(out).all()
-        # SEG's blurred queries move a random-weight model's near-uniform attention far less than PAG's identity
-        # does (its size is checked against the equation below); PAG and SAG move the sample by more than 0.1 %
-        assert rel_err(out, plain) > (1e-6 if name == "seg" else 1e-3), name
-    assert torch.equal(sample(model, positive, negative, start, steps=3, cfg=3.5, seed=3), plain)  # model untouched
+    assert_every_method_guides_a_sampled_latent(family, BLOCK[family])
 
 
 SEG_BLOCK = {"auraflow": "double.0", "omnigen2": "single.0", "mochi": "block.0", "cosmos1": "block.0",
@@ -411,7 +392,7 @@ def test_omnigen2_with_a_reference_image_guides_the_generated_image_tokens_only(
     uncond = options["cond_or_uncond"].index(1)
     q, k = args[0][uncond:uncond + 1], args[1][uncond:uncond + 1]
     assert 0 < kept[0].mean() < 1
-    assert torch.equal(kept[0], _expected_mask(q, k, slice(text + ref, None), (4, 5), (8, 10)))
+    assert torch.equal(kept[0], expected_sag_mask(q, k, slice(text + ref, None), (4, 5), (8, 10)))
     seen = {"calls": 0}
 
     def identity(func, q, k, v, heads, *args, **kwargs):

@@ -31,7 +31,7 @@ from attention_guidance.patching.sag import with_sag_mask_probe
 from support.dit_models import DIT_CONFIGS, build_dit, count_forwards, empty_dit_latent, make_dit_conditioning
 from support.dit_models import tiny_dit as tiny
 from support.family_checks import (
-    assert_batch_rows_guided_independently, chosen, latent, pag, recording, rel_err, sag, seg,
+    assert_batch_rows_guided_independently, chosen, expected_sag_mask, latent, pag, recording, rel_err, sag, seg,
 )
 from support.models import denoise_once, initialise_weights, sample
 
@@ -465,14 +465,6 @@ def test_seg_on_wan_s2v_blurs_the_video_queries_and_leaves_the_reference_queries
 
 # --- SAG: the key mass of the grid's tokens in the chosen block ----------------------------------------------
 
-def _expected_mask(q, k, image, grid, latent_hw):
-    probs = (q.double() @ k.double().transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)[:, :, image, image]
-    probs = probs / probs.sum(-1, keepdim=True)
-    mass = probs.mean(1).sum(1)  # [B, image tokens]
-    frames = (mass > 1.0).double().reshape(-1, 1, *grid[-2:])  # one mask per frame
-    return F.interpolate(frames, size=latent_hw, mode="nearest").float()
-
-
 SAG_SIZES = [(family, hw) for family, sizes in (("pixart", [(32, 40), (40, 32), (36, 36)]),
                                                   ("hunyuan_dit", [(8, 12), (12, 8), (10, 10)]),
                                                   ("wan22_s2v", [(8, 12), (6, 10)])) for hw in sizes]
@@ -495,7 +487,7 @@ def test_sag_mask_is_the_key_mass_of_the_captured_queries_and_keys(family, laten
     assert q.shape[2] == count
     assert kept[0].shape == (grid[0], 1, *latent_hw)
     assert 0 < kept[0].mean() < 1
-    assert torch.equal(kept[0], _expected_mask(q, k, slice(0, count), grid, latent_hw))
+    assert torch.equal(kept[0], expected_sag_mask(q, k, slice(0, count), grid, latent_hw))
 
 
 @pytest.mark.parametrize("kind", [None, *S2V_EXTRAS])
@@ -517,7 +509,7 @@ def test_sag_mask_on_wan_s2v_is_the_key_mass_of_the_video_tokens(kind):
     uncond = chunk_ids(options).index(1)
     q, k = (heads_of(t[uncond:uncond + 1], 2) for t in args[:2])
     assert 0 < kept[0].mean() < 1
-    assert torch.equal(kept[0], _expected_mask(q, k, slice(0, count), grid, latent_hw))
+    assert torch.equal(kept[0], expected_sag_mask(q, k, slice(0, count), grid, latent_hw))
 
 
 # --- what is not chosen stays the host's ----------------------------------------------------------------------
